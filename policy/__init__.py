@@ -1,0 +1,1 @@
+"""Registry files, policy derivation, signing, decisions and the audit log.  Uses neither reflector nor hosts."""

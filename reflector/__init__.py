@@ -1,0 +1,1 @@
+"""The Device Manager and its Reflector, the client library and the command line."""

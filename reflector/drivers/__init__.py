@@ -1,0 +1,1 @@
+"""Sample drivers and the built-in simulated platform registry (package data)."""

@@ -1,0 +1,1 @@
+"""Simulated hardware models attached to the simulated platform."""

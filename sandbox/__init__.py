@@ -1,0 +1,1 @@
+"""Confinement of host processes: one module per kernel mechanism, applied in order by spawn."""
