@@ -1,0 +1,349 @@
+"""The host program: one process, the drivers of one process group, one channel to the Reflector.
+
+``sandbox.spawn(..., target="hosts.main:run")`` imports this module *before* seccomp is loaded and
+calls ``run(fds, arg)`` *after*.  So every module the host will ever need is imported here, at the
+top, even where this file does not use it itself: after confinement, importing one may need a
+system call the allowlist does not have.  Unconfined (unit tests, debugging)::
+
+    python -m hosts.main --channel-fd N --arena-fd M --arena-size S
+
+The reader loop (the main thread) is the only receiver.  It decodes each frame, checks its
+arena offsets, and queues the call on the driver's own worker pool; the worker calls the driver
+and sends the REPLY.  KREPLYs are routed to the worker waiting in its KCALL.  The Reflector is
+trusted, so a frame it should never send ends the host with a ``HostExit`` status instead of
+being guessed at.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import socket
+import sys
+import threading
+
+# Loaded now for later: driver import machinery and what ctx.kernel needs (see module docstring).
+import importlib.machinery  # noqa: F401
+import importlib.util  # noqa: F401
+import select  # noqa: F401
+
+from hosts import kernel_proxy, pool, registry_view
+from hosts.api import ERROR
+from hosts.channel import Channel
+from hosts.dispatch import LoadedDriver, LoadError, describe
+from hosts.exits import HostExit
+from hosts.wire import MAX_FRAME, Frame, Op, ProtocolError, decode
+
+# KREPLY carries at most one fd today; room for a few more so that a miscounting sender is seen
+# (MSG_CTRUNC) rather than silently cut.
+MAX_FDS = 4
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
+_HOST_SENT_OPS = frozenset({Op.READY, Op.REPLY, Op.KCALL, Op.LOG})
+
+
+def _fds_of(ancillary: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(int.from_bytes(data[i:i + 4], sys.byteorder, signed=True) for i in range(0, usable, 4))
+    return fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _Slot:
+    """One driver of this host: its pool, and the LoadedDriver once LOAD has run."""
+
+    __slots__ = ("driver_id", "name", "pool", "loaded", "ready")
+
+    def __init__(self, driver_id: int, name: str, workers: pool.WorkerPool):
+        self.driver_id = driver_id
+        self.name = name
+        self.pool = workers
+        self.loaded: LoadedDriver | None = None
+        # Set when LOAD has finished either way: a request or unload that another worker of the
+        # pool picks up meanwhile waits for it instead of finding no driver.
+        self.ready = threading.Event()
+
+
+class Host:
+    def __init__(self, sock: socket.socket, arena: memoryview):
+        self.sock = sock
+        self.channel = Channel(sock)
+        self.arena = arena
+        self.arena_size = len(arena)
+        self.slots: dict[int, _Slot] = {}
+        self.shutting_down = False
+        self._unloads_left = 0
+        self._lock = threading.Lock()
+
+    # -- the reader loop ----------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.channel.send(Op.READY, 0, 0, os.getpid())
+        while True:
+            try:
+                data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+            except OSError as exc:
+                self.channel.log(ERROR, f"host: recvmsg on the channel failed: {exc}")
+                return HostExit.CHANNEL_ERROR
+            fds = _fds_of(ancillary)
+            if not data and not fds:
+                return HostExit.OK  # EOF: the Reflector closed its end (or SHUTDOWN finished)
+            if flags & socket.MSG_CTRUNC:
+                _close(fds)
+                return self._violation(HostExit.UNEXPECTED_FDS, "more file descriptors than a frame may carry")
+            if flags & socket.MSG_TRUNC:
+                _close(fds)
+                return self._violation(HostExit.BAD_FRAME, f"frame longer than {MAX_FRAME} bytes")
+            try:
+                frame = decode(data)
+            except ProtocolError as exc:
+                _close(fds)
+                return self._violation(HostExit.BAD_FRAME, exc.reason)
+            if fds and frame.op != Op.KREPLY:
+                _close(fds)
+                return self._violation(HostExit.UNEXPECTED_FDS,
+                                       f"{len(fds)} file descriptor(s) on a {frame.op.name} frame")
+            if frame.op in _HOST_SENT_OPS:
+                return self._violation(HostExit.BAD_FRAME, f"{frame.op.name} is sent by hosts, not to them")
+            if frame.op == Op.KREPLY:
+                status, value = frame.fields
+                if not self.channel.deliver(frame.req_id, status, value, frame.tail, fds):
+                    return self._violation(HostExit.BAD_FRAME, f"KREPLY {frame.req_id} answers no KCALL")
+                continue
+            self._request(frame)
+
+    def _violation(self, status: HostExit, reason: str) -> int:
+        self.channel.log(ERROR, f"host: protocol violation, exiting with {int(status)} ({status.name}): {reason}")
+        return status
+
+    def _reply(self, frame: Frame, status: int, value: int = 0) -> None:
+        try:
+            self.channel.send(Op.REPLY, frame.req_id, frame.driver_id, status, value)
+        except OSError:
+            pass  # the Reflector is gone; the reader sees EOF and ends the host
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _request(self, frame: Frame) -> None:
+        op = frame.op
+        if op == Op.LOAD:
+            return self._load(frame)
+        if op == Op.SHUTDOWN:
+            return self._shutdown()
+        slot = self.slots.get(frame.driver_id)
+        if slot is None:
+            return self._reply(frame, errno.ENODEV)
+        if op == Op.UNLOAD:
+            del self.slots[frame.driver_id]  # later requests for it fail at once with ENODEV
+            return slot.pool.submit(lambda: self._unload(slot, frame))
+        call = self._call_for(frame)
+        if call is None:
+            return self._reply(frame, errno.EINVAL)
+        slot.pool.submit(lambda: self._run(slot, frame, call))
+
+    def _view(self, off: int, length: int, writable: bool) -> memoryview | None:
+        """A view of exactly ``length`` arena bytes at ``off``, or None if it does not fit."""
+        if off + length > self.arena_size:
+            return None
+        view = self.arena[off:off + length]
+        return view if writable else view.toreadonly()
+
+    def _call_for(self, frame: Frame):
+        """The LoadedDriver call for one request, with its arena views made and checked here,
+        on the reader, so that a request outside the arena is refused before it is queued."""
+        op, f = frame.op, frame.fields
+        if op == Op.OPEN:
+            return lambda d: d.open(f[0], f[1])
+        if op == Op.CLOSE:
+            return lambda d: d.close(f[0])
+        if op == Op.PRE_CLOSE:
+            return lambda d: d.pre_close(f[0])
+        if op == Op.POWER:
+            return lambda d: d.power(bool(f[0]))
+        if op == Op.SEEK:
+            return lambda d: d.seek(f[0], f[1], f[2])
+        if op == Op.READ:
+            out = self._view(f[1], f[2], writable=True)
+            return None if out is None else (lambda d: d.read(f[0], out), out)
+        if op == Op.WRITE:
+            data = self._view(f[1], f[2], writable=False)
+            return None if data is None else (lambda d: d.write(f[0], data), data)
+        if op == Op.IOCTL:
+            inbuf = self._view(f[2], f[3], writable=False)
+            outbuf = self._view(f[4], f[5], writable=True)
+            if inbuf is None or outbuf is None:
+                return None
+            return (lambda d: d.ioctl(f[0], f[1], inbuf, outbuf), inbuf, outbuf)
+        return None
+
+    def _run(self, slot: _Slot, frame: Frame, call) -> None:
+        views = ()
+        if isinstance(call, tuple):
+            call, *views = call
+        slot.ready.wait()
+        loaded = slot.loaded
+        status, value = (errno.ENODEV, 0) if loaded is None else call(loaded)
+        for view in views:
+            # A driver that kept the view finds it released; one that kept a slice of it keeps
+            # that slice (BufferError never arises for slices, but is not worth ending over).
+            try:
+                view.release()
+            except BufferError:
+                pass
+        self._reply(frame, status, value)
+
+    def _load(self, frame: Frame) -> None:
+        if self.shutting_down:
+            return self._reply(frame, errno.ESHUTDOWN)
+        if frame.driver_id in self.slots:
+            self.channel.log(ERROR, f"host: LOAD of driver {frame.driver_id}, which is loaded already")
+            return self._reply(frame, errno.EEXIST)
+        try:
+            spec = json.loads(frame.tail.decode("utf-8"))
+            if not isinstance(spec, dict):
+                raise ValueError("LOAD tail is not a JSON object")
+            name, module = spec["name"], spec["module"]
+            if not isinstance(name, str) or not isinstance(module, str) or not os.path.isabs(module):
+                raise ValueError(f"LOAD needs a string name and an absolute module path, got {name!r}, {module!r}")
+            registry = registry_view.from_wire(spec.get("registry", {}))
+            threads = spec.get("threads", pool.DEFAULT_THREADS)
+            if type(threads) is not int:
+                raise ValueError(f"LOAD threads {threads!r} is not an int")
+            workers = pool.WorkerPool(f"drv{frame.driver_id}", threads)
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            self.channel.log(ERROR, f"host: malformed LOAD for driver {frame.driver_id}: {exc!r}")
+            return self._reply(frame, errno.EINVAL)
+        except RuntimeError as exc:  # threads could not be started: the host's limits
+            self.channel.log(ERROR, f"host: no worker threads for driver {frame.driver_id}: {exc}")
+            return self._reply(frame, errno.EAGAIN)
+        slot = _Slot(frame.driver_id, name, workers)
+        self.slots[frame.driver_id] = slot
+        # init(ctx) may make KCALLs whose KREPLYs only this reader can receive: so it runs on
+        # the driver's pool, never here.
+        workers.submit(lambda: self._finish_load(slot, frame, module, registry))
+
+    def _finish_load(self, slot: _Slot, frame: Frame, module: str, registry) -> None:
+        driver_id = slot.driver_id
+        try:
+            slot.loaded = LoadedDriver(slot.name, module, registry,
+                                       kernel_proxy.KernelProxy(self.channel, driver_id),
+                                       lambda level, message: self.channel.log(level, message, driver_id))
+            failure = None
+        except LoadError as exc:
+            failure = (exc.errno, exc.message)
+        except BaseException as exc:  # LoadedDriver should turn everything into LoadError
+            failure = (errno.EIO, f"{slot.name}: loading failed: {describe(exc)}")
+        finally:
+            slot.ready.set()
+        if failure is None:
+            return self._reply(frame, 0)
+        status, message = failure
+        self.channel.log(ERROR, message, driver_id)
+        with self._lock:
+            if self.slots.get(driver_id) is slot:
+                del self.slots[driver_id]
+        slot.pool.stop()
+        self._reply(frame, status)
+
+    def _unload(self, slot: _Slot, frame: Frame | None) -> None:
+        status = 0
+        slot.ready.wait()
+        if slot.loaded is not None:
+            status, _ = slot.loaded.unload()
+        slot.pool.stop()
+        if frame is not None:
+            self._reply(frame, status)
+
+    def _shutdown(self) -> None:
+        """Unload every driver on its own pool (after what is queued there), then end the reader
+        by shutting down our receiving side, which it sees as EOF.  No REPLY: the exit status 0
+        is the answer."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        slots = list(self.slots.values())
+        self.slots.clear()
+        if not slots:
+            return self._end_reader()
+        self._unloads_left = len(slots)
+        for slot in slots:
+            slot.pool.submit(lambda slot=slot: self._shutdown_one(slot))
+
+    def _shutdown_one(self, slot: _Slot) -> None:
+        try:
+            self._unload(slot, None)
+        finally:
+            with self._lock:
+                self._unloads_left -= 1
+                last = self._unloads_left == 0
+            if last:
+                self._end_reader()
+
+    def _end_reader(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+def run(fds: list[int], arg: dict) -> int:
+    """Serve the Reflector on ``fds[0]`` (SOCK_SEQPACKET) with the arena ``fds[1]`` of
+    ``arg["arena_size"]`` bytes; return a ``HostExit`` status."""
+    sys.dont_write_bytecode = True  # the driver's directory is read-only, and caches are not trusted
+    try:
+        channel_fd, arena_fd = fds
+        arena_size = arg["arena_size"]
+        if type(arena_size) is not int or arena_size < 0:
+            raise ValueError(f"arena_size {arena_size!r}")
+    except (ValueError, TypeError, KeyError) as exc:
+        print(f"hosts.main: bad arguments: {exc!r}; expected fds [channel, arena] and "
+              f"arg {{'arena_size': N}}", file=sys.stderr)
+        return HostExit.BAD_ARGS
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, channel_fd)
+    try:
+        if arena_size:
+            mapping = mmap.mmap(arena_fd, arena_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            arena = memoryview(mapping)
+        else:
+            arena = memoryview(bytearray())
+    except (OSError, ValueError) as exc:
+        Channel(sock).log(ERROR, f"host: cannot map the arena (fd {arena_fd}, {arena_size} bytes): {exc}")
+        return HostExit.ARENA
+    finally:
+        os.close(arena_fd)  # the mapping (which holds its own duplicate) is all the host needs
+    try:
+        return Host(sock, arena).serve()
+    except OSError as exc:
+        print(f"hosts.main: channel failed: {exc}", file=sys.stderr)
+        return HostExit.CHANNEL_ERROR
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hosts.main",
+                                     description="Run a driver host unconfined (tests, debugging).")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--arena-fd", type=int, required=True)
+    parser.add_argument("--arena-size", type=int, required=True)
+    args = parser.parse_args(argv)
+    return run([args.channel_fd, args.arena_fd], {"arena_size": args.arena_size})
+
+
+if __name__ == "__main__":
+    code = _main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Worker threads may still sit in driver code; the host ends now regardless of them.
+    os._exit(code)
