@@ -1,0 +1,198 @@
+"""``reflector.client``: how applications reach devices.
+
+    from reflector.client import connect
+    with connect() as dm:
+        with dm.open("COM1:", "rw") as h:
+            h.write(b"hello"); h.read(5); h.seek(0, 0)
+            out = h.ioctl(0x00220004, b"\\x01\\x02", out_size=16)
+        dm.devices()
+
+Errors are ``OSError``s with the usual errno (``EACCES``, ``ENODEV``, ``ETIMEDOUT``, ``EIO``,
+``ESTALE``, ``EINVAL``, ``EMSGSIZE`` or the driver's own), so they are handled like file errors.
+Buffers larger than ``SHM_THRESHOLD`` go through a sealed memfd shared once with the Device
+Manager instead of through the socket.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import itertools
+import json
+import mmap
+import os
+import socket
+import threading
+from pathlib import Path
+
+from reflector import clientwire as cw
+from reflector.paths import default_socket
+
+__all__ = ["connect", "DeviceManager", "Handle"]
+
+SHM_THRESHOLD = 16 * 1024
+_ACCESS = {"r": 1, "w": 2, "rw": 3, "wr": 3}
+
+
+def connect(path: str | os.PathLike | None = None) -> "DeviceManager":
+    """Connect to the Device Manager at ``path`` (default: $DRVBOX_SOCKET or the standard path)."""
+    return DeviceManager(Path(path) if path else default_socket())
+
+
+class DeviceManager:
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.sock.connect(str(path))
+        except FileNotFoundError:
+            self.sock.close()
+            raise FileNotFoundError(errno.ENOENT, f"no Device Manager socket at {path}: start one with "
+                                    f"`drvbox run` (or set DRVBOX_SOCKET)", str(path)) from None
+        except PermissionError:
+            self.sock.close()
+            raise PermissionError(errno.EACCES, f"not allowed to connect to {path} (mode 0660: join its "
+                                  f"group or ask its owner)", str(path)) from None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._shm: mmap.mmap | None = None
+        self._shm_lock = threading.Lock()     # one bulk transfer at a time owns the shared buffer
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _call(self, op: cw.Op, handle: int = 0, *fields, flags: int = 0, tail: bytes = b"",
+              fds: list[int] | None = None) -> tuple[int, bytes]:
+        with self._lock:
+            req_id = next(self._ids) & 0xFFFFFFFF
+            msg = cw.encode_request(op, req_id, handle, *fields, flags=flags, tail=tail)
+            if fds:
+                self.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            else:
+                self.sock.send(msg)
+            data = self.sock.recv(cw.MAX_MESSAGE)
+        if not data:
+            raise ConnectionResetError(errno.ECONNRESET, "the Device Manager closed the connection")
+        got_id, status, value, rtail = cw.decode_reply(data)
+        if status:
+            raise OSError(status, f"{os.strerror(status)}: {rtail.decode('utf-8', 'replace')}")
+        if got_id != req_id:
+            raise cw.ClientProtocolError(f"reply to request {got_id}, expected {req_id}")
+        return value, rtail
+
+    def _shared(self, size: int) -> memoryview:
+        """A shared buffer of at least ``size`` bytes, attached to the Device Manager once."""
+        if self._shm is None or len(self._shm) < size:
+            capacity = max(size, 1 << 20)
+            capacity = (capacity + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            fd = os.memfd_create("drvbox-client", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, capacity)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+                shm = mmap.mmap(fd, capacity)
+                self._call(cw.Op.SHM_ATTACH, 0, capacity, fds=[fd])
+            finally:
+                os.close(fd)
+            if self._shm is not None:
+                self._shm.close()
+            self._shm = shm
+        return memoryview(self._shm)
+
+    @contextlib.contextmanager
+    def _lock_shm(self, size: int):
+        with self._shm_lock:
+            view = self._shared(size)
+            try:
+                yield view
+            finally:
+                view.release()
+
+    # -- verbs ----------------------------------------------------------------------------------
+
+    def open(self, name: str, mode: str = "rw", share: int = 0) -> "Handle":
+        access = _ACCESS.get(mode)
+        if access is None:
+            raise ValueError(f"mode {mode!r}: use 'r', 'w' or 'rw'")
+        handle, _ = self._call(cw.Op.OPEN, 0, access, share, tail=name.encode())
+        return Handle(self, handle, name)
+
+    def devices(self) -> dict:
+        """What `drvbox ls --json` prints: {"devices": [...], "hosts": [...]}."""
+        _, tail = self._call(cw.Op.LIST)
+        return json.loads(tail)
+
+    def restart(self, name: str) -> None:
+        self._call(cw.Op.RESTART, tail=name.encode())
+
+    def hw(self, command: dict) -> dict:
+        """A command for the simulated hardware (feed a UART, read its TX, set a GPIO pin...)."""
+        _, tail = self._call(cw.Op.HW, tail=json.dumps(command).encode())
+        return json.loads(tail)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+
+    def __enter__(self) -> "DeviceManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Handle:
+    """An open device.  Belongs to the connection that opened it."""
+
+    def __init__(self, dm: DeviceManager, handle: int, name: str):
+        self.dm = dm
+        self.handle = handle
+        self.name = name
+        self.closed = False
+
+    def read(self, size: int) -> bytes:
+        if size > SHM_THRESHOLD:
+            with self.dm._lock_shm(size) as view:
+                n, _ = self.dm._call(cw.Op.READ, self.handle, size, 0, flags=cw.FLAG_SHM)
+                return bytes(view[:n])
+        _, data = self.dm._call(cw.Op.READ, self.handle, size, 0)
+        return data
+
+    def write(self, data: bytes) -> int:
+        data = memoryview(data).cast("B")
+        if len(data) > SHM_THRESHOLD:
+            with self.dm._lock_shm(len(data)) as view:
+                view[:len(data)] = data
+                n, _ = self.dm._call(cw.Op.WRITE, self.handle, len(data), 0, flags=cw.FLAG_SHM)
+                return n
+        n, _ = self.dm._call(cw.Op.WRITE, self.handle, len(data), 0, tail=bytes(data))
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        pos, _ = self.dm._call(cw.Op.SEEK, self.handle, offset, whence)
+        return pos
+
+    def ioctl(self, code: int, inbuf: bytes = b"", out_size: int = 0) -> bytes:
+        inbuf = memoryview(inbuf).cast("B")
+        if len(inbuf) + out_size > SHM_THRESHOLD:
+            in_room = (len(inbuf) + 63) & ~63
+            with self.dm._lock_shm(in_room + out_size) as view:
+                view[:len(inbuf)] = inbuf
+                n, _ = self.dm._call(cw.Op.IOCTL, self.handle, code, len(inbuf), 0, out_size, in_room,
+                                     flags=cw.FLAG_SHM)
+                return bytes(view[in_room:in_room + n])
+        _, out = self.dm._call(cw.Op.IOCTL, self.handle, code, len(inbuf), 0, out_size, 0, tail=bytes(inbuf))
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.dm._call(cw.Op.CLOSE, self.handle)
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,108 @@
+"""The protocol between applications and the Device Manager, on its Unix socket.
+
+``SOCK_SEQPACKET``, so each request and each reply is one message.  Fixed-size struct frames,
+one per operation, followed by an optional tail (inline data up to ``MAX_INLINE`` bytes, a device
+name, a JSON document for the few control verbs that are not on the hot path).
+
+Large buffers do not travel through the socket: a client shares a sealed memfd once
+(``SHM_ATTACH``, the fd passed with SCM_RIGHTS) and then names offsets in it; the Device Manager
+copies input from it once into the host's arena and output once back.
+
+Request header ``<BBHII``: version, op, flags, req_id, handle.  Reply ``<BBHIiq``: version,
+op (= REPLY), flags, req_id, status (0 or errno), value.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+VERSION = 1
+MAX_INLINE = 60 * 1024
+MAX_MESSAGE = 64 * 1024 + 64
+
+FLAG_SHM = 1          # buffers are in the attached shared memory, at the offsets given
+
+
+class Op(enum.IntEnum):
+    OPEN = 1          # access, share; tail: device name -> value: handle
+    CLOSE = 2
+    READ = 3          # length, shm_off -> value: bytes; tail: data unless FLAG_SHM
+    WRITE = 4         # length, shm_off; tail: data unless FLAG_SHM -> value: bytes written
+    SEEK = 5          # offset, whence -> value: position
+    IOCTL = 6         # code, in_len, in_off, out_len, out_off; tail: input unless FLAG_SHM
+    LIST = 7          # -> tail: JSON of `drvbox ls`
+    RESTART = 8       # tail: device name
+    SHM_ATTACH = 9    # size; SCM_RIGHTS: a memfd sealed against shrinking
+    HW = 10           # tail: JSON command for the simulated hardware -> tail: JSON answer
+    REPLY = 64
+
+
+_HEADER = "<BBHII"
+BODIES = {
+    Op.OPEN: "II",
+    Op.CLOSE: "",
+    Op.READ: "IQ",
+    Op.WRITE: "IQ",
+    Op.SEEK: "qI",
+    Op.IOCTL: "IIQIQ",
+    Op.LIST: "",
+    Op.RESTART: "",
+    Op.SHM_ATTACH: "Q",
+    Op.HW: "",
+}
+REQUESTS = {int(op): struct.Struct(_HEADER + body) for op, body in BODIES.items()}
+REPLY = struct.Struct("<BBHIiq")
+_HEAD = struct.Struct(_HEADER)
+
+
+class ClientProtocolError(Exception):
+    """A malformed message from a client (answered with EINVAL) or from the server."""
+
+
+class Request(NamedTuple):
+    op: Op
+    flags: int
+    req_id: int
+    handle: int
+    fields: tuple
+    tail: bytes
+
+
+def encode_request(op: Op, req_id: int, handle: int, *fields, flags: int = 0, tail: bytes = b"") -> bytes:
+    if len(tail) > MAX_INLINE:
+        raise ClientProtocolError(f"inline data of {len(tail)} bytes exceeds {MAX_INLINE}")
+    return REQUESTS[op].pack(VERSION, op, flags, req_id, handle, *fields) + tail
+
+
+def decode_request(buf: bytes) -> Request:
+    if len(buf) < _HEAD.size:
+        raise ClientProtocolError(f"request of {len(buf)} bytes is shorter than its header")
+    version, op, flags, req_id, handle = _HEAD.unpack_from(buf)
+    if version != VERSION:
+        raise ClientProtocolError(f"client protocol version {version}, this Device Manager speaks {VERSION}")
+    layout = REQUESTS.get(op)
+    if layout is None:
+        raise ClientProtocolError(f"unknown operation {op}")
+    if flags & ~FLAG_SHM:
+        raise ClientProtocolError(f"unknown flags {flags:#x}")
+    if len(buf) < layout.size:
+        raise ClientProtocolError(f"{Op(op).name} request of {len(buf)} bytes, expected at least {layout.size}")
+    if len(buf) - layout.size > MAX_INLINE:
+        raise ClientProtocolError("inline data too large")
+    values = layout.unpack_from(buf)
+    return Request(Op(op), flags, req_id, handle, values[5:], bytes(buf[layout.size:]))
+
+
+def encode_reply(req_id: int, status: int, value: int = 0, tail: bytes = b"") -> bytes:
+    return REPLY.pack(VERSION, Op.REPLY, 0, req_id, status, value) + tail
+
+
+def decode_reply(buf: bytes) -> tuple[int, int, int, bytes]:
+    if len(buf) < REPLY.size:
+        raise ClientProtocolError(f"reply of {len(buf)} bytes is shorter than its header")
+    version, op, _flags, req_id, status, value = REPLY.unpack_from(buf)
+    if version != VERSION or op != Op.REPLY:
+        raise ClientProtocolError(f"not a reply (version {version}, op {op})")
+    return req_id, status, value, bytes(buf[REPLY.size:])

@@ -1,0 +1,299 @@
+"""One running host: its sandbox, its channel, its arena and the requests in flight on it.
+
+Everything the host sends is hostile.  The reader thread is the only code that parses it; it
+checks every reply against the request it answers (the request id must be in flight, the driver
+id must be the one the request went to, every count must lie inside the slot the Reflector chose)
+and kills the host at the first violation.  A dead host is noticed at once: its end of the
+socketpair closes, and the reader sees end-of-file (no polling).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hosts import wire
+from hosts.wire import Op, ProtocolError
+
+log = logging.getLogger("drvbox.host")
+
+# A host may send at most this many frames per second on average (burst: one second's worth).
+# Legitimate traffic is one reply per request plus the driver's kernel calls and logs.
+FRAME_RATE_LIMIT = 20000
+LOG_RATE_LIMIT = 200          # LOG frames per second; more is a flood
+MAX_FDS_PER_FRAME = 4         # we read this many so that we can close what a host smuggles in
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+READY_TIMEOUT_S = 10.0
+
+
+class HostGone(Exception):
+    """The host died or was killed while a request was in flight."""
+
+
+@dataclass
+class _Pending:
+    op: Op
+    driver_id: int
+    max_value: int              # the largest count this request may report
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int = errno.EIO
+    value: int = 0
+
+
+class _TokenBucket:
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class HostChannel:
+    """Speaks the wire protocol to one host process; created by a HostGroup for each start.
+
+    ``on_kernel_call(channel, frame, fds_out) -> (status, value, tail, fds)`` performs a
+    driver's privileged operation; ``on_violation(kind, detail)`` audits; ``on_exit(channel)``
+    is called once, from the reader thread, after the host has gone.
+    """
+
+    def __init__(self, name: str, sandboxed, sock: socket.socket, arena, *,
+                 on_kernel_call: Callable, on_violation: Callable[[str, dict], None],
+                 on_log: Callable[[int, int, str], None], on_exit: Callable[["HostChannel"], None],
+                 known_drivers: Callable[[], set]):
+        self.name = name
+        self.sandboxed = sandboxed
+        self.sock = sock
+        self.arena = arena
+        self.inner_pid: int | None = None
+        self.started = time.monotonic()
+        self._on_kernel_call = on_kernel_call
+        self._on_violation = on_violation
+        self._on_log = on_log
+        self._on_exit = on_exit
+        self._known_drivers = known_drivers
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._alive = True
+        self._killed_for: str | None = None
+        self.blamed_drivers: set[int] = set()
+        self._frames = _TokenBucket(FRAME_RATE_LIMIT)
+        self._logs = _TokenBucket(LOG_RATE_LIMIT)
+        self._reader = threading.Thread(target=self._read_loop, name=f"host-{name}", daemon=True)
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Read the host's READY frame, then start the reader thread."""
+        self.sock.settimeout(timeout)
+        try:
+            data, fds = self._recv()
+        except (socket.timeout, OSError) as exc:
+            raise HostGone(f"{self.name}: no READY within {timeout:.0f}s ({exc})") from None
+        finally:
+            self.sock.settimeout(None)
+        if data is None:
+            raise HostGone(f"{self.name}: the host exited before it was ready")
+        frame = wire.decode(data)
+        if frame.op != Op.READY or fds:
+            raise ProtocolError(f"expected READY, got {frame.op.name}")
+        self.inner_pid = frame.fields[0]
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    # -- requests -------------------------------------------------------------------------
+
+    def call(self, op: Op, driver_id: int, fields: tuple, *, max_value: int, timeout: float | None,
+             tail: bytes = b"") -> tuple[int, int]:
+        """Send one request and wait for its reply: ``(status, value)``.
+
+        Raises ``TimeoutError`` when the host does not answer in ``timeout`` seconds (the caller
+        audits and kills), ``HostGone`` when the host dies first.
+        """
+        req_id = next(self._ids) & 0xFFFFFFFF
+        pending = _Pending(op, driver_id, max_value)
+        with self._lock:
+            if not self._alive:
+                raise HostGone(self.name)
+            self._pending[req_id] = pending
+        try:
+            self._send(wire.encode(op, req_id, driver_id, *fields, tail=tail))
+            if not pending.done.wait(timeout):
+                raise TimeoutError(f"{self.name}: {op.name} to driver {driver_id} took longer than {timeout}s")
+        finally:
+            with self._lock:
+                self._pending.pop(req_id, None)
+        if pending.status == -1:
+            raise HostGone(self.name)
+        return pending.status, pending.value
+
+    def send_oneway(self, op: Op, driver_id: int = 0, *fields: int) -> None:
+        try:
+            self._send(wire.encode(op, 0, driver_id, *fields))
+        except OSError:
+            pass
+
+    def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
+        with self._send_lock:
+            if fds:
+                self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            else:
+                self.sock.send(frame)
+
+    # -- the reader: everything from the host is parsed here --------------------------------
+
+    def _recv(self) -> tuple[bytes | None, list[int]]:
+        data, ancdata, msg_flags, _ = self.sock.recvmsg(wire.MAX_FRAME + 1, _CMSG_SPACE)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % array.array("i").itemsize
+                fds.extend(array.array("i", payload[:usable]))
+        if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("frame or its ancillary data larger than the protocol allows")
+        if not data and not fds:
+            return None, []
+        return data, fds
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    data, fds = self._recv()
+                except ProtocolError as exc:
+                    self._violation("protocol.violation", {"reason": exc.reason})
+                    return
+                except OSError:
+                    return
+                if data is None:
+                    return
+                if fds:
+                    for fd in fds:
+                        os.close(fd)
+                    self._violation("protocol.violation", {"reason": f"host sent {len(fds)} file descriptor(s)"})
+                    return
+                if not self._frames.take():
+                    self._violation("protocol.violation", {"reason": "frame flood"})
+                    return
+                try:
+                    frame = wire.decode(data)
+                    self._dispatch(frame)
+                except ProtocolError as exc:
+                    self._violation("protocol.violation", {"reason": exc.reason})
+                    return
+                except _BufferViolation as exc:
+                    self._violation("buffer.violation", exc.detail)
+                    return
+        finally:
+            self._gone()
+
+    def _dispatch(self, frame: wire.Frame) -> None:
+        if frame.op == Op.REPLY:
+            self._complete(frame)
+        elif frame.op == Op.KCALL:
+            if frame.driver_id not in self._known_drivers():
+                raise ProtocolError(f"kernel call for driver id {frame.driver_id}, which this host does not hold")
+            status, value, tail, fds = self._on_kernel_call(self, frame)
+            try:
+                self._send(wire.encode(Op.KREPLY, frame.req_id, frame.driver_id, status, value, tail=tail), fds)
+            finally:
+                for fd in fds or ():
+                    os.close(fd)
+        elif frame.op == Op.LOG:
+            if not self._logs.take():
+                raise ProtocolError("log flood")
+            if frame.driver_id not in self._known_drivers() and frame.driver_id != 0:
+                raise ProtocolError(f"log for driver id {frame.driver_id}, which this host does not hold")
+            self._on_log(frame.driver_id, frame.fields[0], frame.tail.decode("utf-8", "replace"))
+        else:
+            raise ProtocolError(f"a host may not send {frame.op.name}")
+
+    def _complete(self, frame: wire.Frame) -> None:
+        status, value = frame.fields
+        with self._lock:
+            pending = self._pending.get(frame.req_id)
+        if pending is None:
+            raise ProtocolError(f"reply to request {frame.req_id}, which is not in flight")
+        if frame.driver_id != pending.driver_id:
+            raise ProtocolError(f"reply to request {frame.req_id} names driver {frame.driver_id}, "
+                                f"the request went to driver {pending.driver_id}")
+        if frame.tail:
+            raise ProtocolError("a REPLY carries no tail")
+        if not 0 <= status < 4096:
+            raise ProtocolError(f"reply status {status} is not an errno")
+        if status == 0 and not 0 <= value <= pending.max_value:
+            pending.status, pending.value = errno.EIO, 0
+            pending.done.set()
+            raise _BufferViolation({"op": pending.op.name, "driver_id": frame.driver_id,
+                                    "claimed": value, "limit": pending.max_value})
+        pending.status, pending.value = status, (value if status == 0 else 0)
+        pending.done.set()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _violation(self, kind: str, detail: dict) -> None:
+        self._killed_for = kind
+        try:
+            self._on_violation(kind, detail)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill the host; the reader thread notices and cleans up."""
+        try:
+            self.sandboxed.kill()
+        finally:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _gone(self) -> None:
+        with self._lock:
+            self._alive = False
+            pending = list(self._pending.values())
+        # Drivers with requests in flight when the host went down: a pooled driver that is
+        # always among them is the one crashing its host (see HostGroup).
+        self.blamed_drivers = {p.driver_id for p in pending}
+        for p in pending:
+            if not p.done.is_set():
+                p.status = -1
+                p.done.set()
+        self.sandboxed.kill()
+        try:
+            self._on_exit(self)
+        finally:
+            self.sock.close()
+
+    @property
+    def killed_for(self) -> str | None:
+        return self._killed_for
+
+
+
+class _BufferViolation(Exception):
+    def __init__(self, detail: dict):
+        super().__init__(detail)
+        self.detail = detail

@@ -1,0 +1,406 @@
+"""A process group: the drivers that share one host, and that host's life.
+
+A group starts its host in a sandbox, loads its drivers into it, forwards requests, and when the
+host dies (crash, kill, timeout, violation) fails what was in flight, audits it, and restarts it
+with exponential back-off -- unless it failed more than ``RestartLimit`` times within
+``RestartWindow`` seconds, in which case its drivers are quarantined until ``drvbox restart``.
+
+A pooled driver that is alone in flight at two crashes of its shared host is moved into a host
+of its own (as UMDF does), so that the other drivers of the group stop paying for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from hosts.wire import Op
+from reflector.arena import Arena
+from reflector.devices import QUARANTINED, RESTARTING, RUNNING, STOPPED, OpenRef, UserDevice
+from reflector.hostchannel import HostChannel, HostGone
+
+log = logging.getLogger("drvbox.group")
+
+STARTING = "starting"
+SLOTS_PER_HOST = 8                 # requests in flight at once per host
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 5.0
+BLAMES_BEFORE_SPLIT = 2
+
+
+def _fail(code: int, message: str) -> OSError:
+    return OSError(code, f"{os.strerror(code)}: {message}")
+
+
+def _registry_json(key) -> dict:
+    """The driver key's values as the host's LOAD expects them (bytes as hex)."""
+    out = {}
+    for v in key.values() if key is not None else ():
+        data = v.data
+        if isinstance(data, (bytes, bytearray)):
+            data = bytes(data).hex()
+        elif isinstance(data, tuple):
+            data = list(data)
+        out[v.name] = {"type": v.type, "data": data}
+    return out
+
+
+class HostGroup:
+    def __init__(self, gid: int, settings, devices: list[UserDevice], *, hive, audit, supervisor,
+                 kernel_ops, sandbox_options: dict, on_split: Callable | None = None, solo: bool = False):
+        self.gid = gid
+        self.settings = settings
+        self.devices = list(devices)
+        for d in self.devices:
+            d.group = self
+        self.hive = hive
+        self.audit = audit
+        self.supervisor = supervisor
+        self.kernel_ops = kernel_ops
+        self.sandbox_options = sandbox_options
+        self.on_split = on_split
+        self.solo = solo
+        self.state = STOPPED
+        self.generation = 0
+        self.channel: HostChannel | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self._failures: deque[float] = deque()
+        self._blame: dict[str, deque[float]] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._timer: threading.Timer | None = None
+
+    # -- numbers from the ProcGroup key ------------------------------------------------------
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.timeout_ms / 1000.0
+
+    def _max_io(self) -> int:
+        return max((d.policy.max_io_size for d in self.devices), default=4096)
+
+    # -- starting a host ----------------------------------------------------------------------
+
+    def _spec(self):
+        from sandbox.spec import SandboxSpec
+        paths = sorted({str(Path(d.module_path)) for d in self.devices})
+        syscalls = sorted({s for d in self.devices for s in d.policy.syscalls})
+        opts = dict(self.sandbox_options)
+        return SandboxSpec(
+            name=f"host group {self.gid}" + (" (solo)" if self.solo else ""),
+            readonly_paths=tuple(paths),
+            memory_limit_mib=self.settings.memory_limit_mib,
+            max_threads=self.settings.max_threads or 32,
+            max_open_files=self.settings.max_open_files or 64,
+            extra_syscalls=tuple(syscalls),
+            **opts,
+        )
+
+    def start(self) -> None:
+        """Start a host and load every driver of the group into it.  Blocks until done."""
+        from sandbox import spawn
+        with self._cond:
+            self.state = STARTING
+        arena = Arena(f"group{self.gid}", 2 * self._max_io() + 4096, SLOTS_PER_HOST)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        t0 = time.monotonic()
+        try:
+            sandboxed = spawn(self._spec(), "hosts.main:run",
+                              {"arena_size": arena.size, "group": self.gid}, [theirs.fileno(), arena.fd])
+        except BaseException:
+            mine.close()
+            arena.close()
+            raise
+        finally:
+            theirs.close()
+        channel = HostChannel(
+            f"group {self.gid}", sandboxed, mine, arena,
+            on_kernel_call=self._kernel_call, on_violation=self._violation, on_log=self._driver_log,
+            on_exit=self._host_exited, known_drivers=lambda: {d.driver_id for d in self.devices})
+        try:
+            channel.wait_ready()
+            if sandboxed.notify_fd is not None and self.supervisor is not None:
+                self.supervisor.watch(sandboxed.notify_fd, self._syscall_denied, action="deny")
+            for i, device in enumerate(self.devices, start=1):
+                device.driver_id = i
+                tail = json.dumps({"name": device.name, "key": device.key_path, "module": device.module_path,
+                                   "registry": _registry_json(self.hive.key(device.key_path))}).encode()
+                status, _ = channel.call(Op.LOAD, i, (), max_value=0, timeout=max(self.timeout_s, 10.0), tail=tail)
+                if status:
+                    raise HostGone(f"driver {device.name} failed to load: {os.strerror(status)}")
+        except BaseException:
+            channel.kill()
+            raise
+        with self._cond:
+            self.channel = channel
+            self.started_at = time.monotonic()
+            self.state = RUNNING
+            self._cond.notify_all()
+        self.audit.record("host.started", group=self.gid, pid=sandboxed.inner_pid,
+                          detail={"devices": [d.name for d in self.devices], "pid": sandboxed.pid,
+                                  "start_ms": round((time.monotonic() - t0) * 1000, 1),
+                                  "confinement": getattr(sandboxed, "confinement", None)})
+        log.info("group %d: host pid %d serving %s", self.gid, sandboxed.pid, ", ".join(d.name for d in self.devices))
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def _current(self, opening: bool, ref: OpenRef | None) -> tuple[HostChannel, int]:
+        with self._cond:
+            if opening and self.state in (STARTING, RESTARTING):
+                self._cond.wait_for(lambda: self.state not in (STARTING, RESTARTING), self.timeout_s)
+            if self.state == QUARANTINED:
+                raise _fail(errno.ENODEV, f"process group {self.gid} is quarantined; `drvbox restart DEV` lifts it")
+            if ref is not None and ref.generation != self.generation:
+                raise _fail(errno.ESTALE, "the handle was opened before its host was restarted; open the device again")
+            if self.state != RUNNING or self.channel is None:
+                raise _fail(errno.EIO if self.state == RESTARTING else errno.ENODEV,
+                            f"process group {self.gid} is {self.state}")
+            return self.channel, self.generation
+
+    def _call(self, channel: HostChannel, device, op: Op, fields: tuple, max_value: int) -> int:
+        try:
+            status, value = channel.call(op, device.driver_id, fields, max_value=max_value, timeout=self.timeout_s)
+        except TimeoutError:
+            self.audit.record("host.timeout", device=device.name, driver=device.entry.dll, group=self.gid,
+                              pid=channel.sandboxed.inner_pid,
+                              detail={"op": op.name, "timeout_ms": self.settings.timeout_ms})
+            channel.kill()
+            raise _fail(errno.ETIMEDOUT, f"{device.name} did not answer {op.name} within {self.settings.timeout_ms} ms")
+        except HostGone:
+            raise _fail(errno.EIO, f"the host of {device.name} failed during {op.name}")
+        if status:
+            raise OSError(status, f"{os.strerror(status)} (from the {device.name} driver)")
+        return value
+
+    def request(self, device, op: Op, fields: tuple, *, max_value: int, ref: OpenRef | None = None,
+                opening: bool = False) -> tuple[int, int]:
+        channel, generation = self._current(opening, ref)
+        return generation, self._call(channel, device, op, fields, max_value)
+
+    def transfer(self, device, ref: OpenRef, op: Op, *, code: int = 0, data: memoryview | None = None,
+                 out: memoryview | None = None) -> int:
+        """A request with buffers: input copied into a slot once, output copied out once."""
+        channel, _ = self._current(False, ref)
+        arena = channel.arena
+        slot = arena.acquire(self.timeout_s)
+        if slot is None:
+            raise _fail(errno.ETIMEDOUT if channel.alive else errno.EIO, f"no free arena slot for {device.name}")
+        try:
+            in_len = len(data) if data is not None else 0
+            out_len = len(out) if out is not None else 0
+            in_off = slot.offset
+            out_off = slot.offset + ((in_len + 63) & ~63)
+            if out_off + out_len > slot.offset + slot.size:
+                raise _fail(errno.EMSGSIZE, f"{in_len}+{out_len} bytes do not fit one arena slot")
+            view = arena.view
+            if in_len:
+                view[in_off:in_off + in_len] = data
+            if op == Op.READ:
+                fields, limit = (ref.open_id, out_off, out_len), out_len
+            elif op == Op.WRITE:
+                fields, limit = (ref.open_id, in_off, in_len), in_len
+            else:
+                fields, limit = (ref.open_id, code, in_off, in_len, out_off, out_len), out_len
+            n = self._call(channel, device, op, fields, limit)
+            if out_len and n:
+                out[:n] = view[out_off:out_off + n]
+            return n
+        except (ValueError, BufferError):        # the arena went away under us: the host died
+            raise _fail(errno.EIO, f"the host of {device.name} failed during {op.name}")
+        finally:
+            arena.release(slot)
+
+    # -- from the host ---------------------------------------------------------------------------
+
+    def _device(self, driver_id: int):
+        for d in self.devices:
+            if d.driver_id == driver_id:
+                return d
+        return None
+
+    def _kernel_call(self, channel, frame):
+        return self.kernel_ops.handle(self, self._device(frame.driver_id), frame)
+
+    def _violation(self, kind: str, detail: dict) -> None:
+        pid = self.channel.sandboxed.inner_pid if self.channel else None
+        self.audit.record(kind, group=self.gid, pid=pid, detail=detail)
+        log.warning("group %d: %s %s; killing its host", self.gid, kind, detail)
+
+    def _driver_log(self, driver_id: int, level: int, message: str) -> None:
+        device = self._device(driver_id)
+        log.log(level if level in (10, 20, 30, 40, 50) else logging.INFO, "%s: %s",
+                device.name if device else f"group {self.gid}", message[:2000])
+
+    def _syscall_denied(self, report) -> None:
+        self.audit.record("syscall.denied", group=self.gid, pid=report.pid,
+                          detail={"syscall": report.syscall, "nr": report.nr,
+                                  "args": [f"{a:#x}" for a in report.args], "arch": report.arch})
+
+    # -- the end of a host, and what comes after -------------------------------------------------
+
+    def _host_exited(self, channel: HostChannel) -> None:
+        status = channel.sandboxed.wait(timeout=5)
+        if self.supervisor is not None and channel.sandboxed.notify_fd is not None:
+            self.supervisor.unwatch(channel.sandboxed.notify_fd)
+        channel.arena.close()
+        channel.sandboxed.close()
+        with self._cond:
+            if self.channel is not channel and self.channel is not None:
+                return                       # an older host; already replaced
+            self.channel = None
+            self.generation += 1             # every handle opened on it is stale now
+            if self._stopping:
+                self.state = STOPPED
+                self._cond.notify_all()
+                return
+            self.state = RESTARTING
+        now = time.monotonic()
+        detail = {"exit_code": status.code, "signal": status.signal, "killed_for": channel.killed_for,
+                  "in_flight": sorted(d.name for d in map(self._device, channel.blamed_drivers) if d)}
+        self.audit.record("host.crashed", group=self.gid, pid=channel.sandboxed.inner_pid, detail=detail)
+        log.warning("group %d: host died %s", self.gid, detail)
+        if self._maybe_split(channel, now):
+            return
+        self._failures.append(now)
+        while self._failures and now - self._failures[0] > self.settings.restart_window_s:
+            self._failures.popleft()
+        if len(self._failures) > self.settings.restart_limit:
+            with self._cond:
+                self.state = QUARANTINED
+                self._cond.notify_all()
+            for d in self.devices:
+                self.audit.record("driver.quarantined", device=d.name, driver=d.entry.dll, group=self.gid,
+                                  detail={"failures": len(self._failures), "window_s": self.settings.restart_window_s})
+            log.error("group %d: %d failures in %ss: quarantined", self.gid, len(self._failures),
+                      self.settings.restart_window_s)
+            return
+        self._schedule_restart(min(BACKOFF_FIRST_S * 2 ** (len(self._failures) - 1), BACKOFF_MAX_S))
+
+    def _maybe_split(self, channel: HostChannel, now: float) -> bool:
+        """Move a pooled driver that keeps crashing its shared host into a host of its own."""
+        if self.on_split is None or len(self.devices) < 2 or len(channel.blamed_drivers) != 1:
+            return False
+        culprit = self._device(next(iter(channel.blamed_drivers)))
+        if culprit is None:
+            return False
+        times = self._blame.setdefault(culprit.name, deque())
+        times.append(now)
+        while times and now - times[0] > self.settings.restart_window_s:
+            times.popleft()
+        if len(times) < BLAMES_BEFORE_SPLIT:
+            return False
+        self.devices.remove(culprit)
+        self._blame.pop(culprit.name, None)
+        self.audit.record("host.restarted", device=culprit.name, group=self.gid,
+                          detail={"reason": "moved into a host of its own after crashing its shared host",
+                                  "crashes": len(times)})
+        self.on_split(self, culprit)
+        self._schedule_restart(BACKOFF_FIRST_S)
+        return True
+
+    def _schedule_restart(self, delay: float) -> None:
+        timer = threading.Timer(delay, self._restart)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def launch(self) -> None:
+        """First start of the group's host; a failure is retried like a crash."""
+        self._restart(first=True)
+
+    def _restart(self, first: bool = False) -> None:
+        if self._stopping:
+            return
+        t0 = time.monotonic()
+        try:
+            self.start()
+        except Exception as exc:            # a failed start counts as a failure like a crash
+            log.error("group %d: restart failed: %s", self.gid, exc)
+            self.audit.record("host.crashed", group=self.gid, detail={"phase": "start", "error": str(exc)})
+            now = time.monotonic()
+            self._failures.append(now)
+            if len(self._failures) > self.settings.restart_limit:
+                with self._cond:
+                    self.state = QUARANTINED
+                    self._cond.notify_all()
+                for d in self.devices:
+                    self.audit.record("driver.quarantined", device=d.name, group=self.gid,
+                                      detail={"reason": "host could not be started", "error": str(exc)})
+                return
+            self._schedule_restart(min(BACKOFF_FIRST_S * 2 ** len(self._failures), BACKOFF_MAX_S))
+            return
+        if first:
+            return
+        self.restarts += 1
+        for d in self.devices:
+            d.restarts += 1
+        self.audit.record("host.restarted", group=self.gid, pid=self.channel.sandboxed.inner_pid if self.channel else None,
+                          detail={"restarts": self.restarts, "ms": round((time.monotonic() - t0) * 1000, 1)})
+
+    def restart_now(self) -> None:
+        """`drvbox restart`: kill the host (if any) and start afresh; lifts a quarantine."""
+        with self._cond:
+            self._failures.clear()
+            channel = self.channel
+            quarantined_or_idle = self.state in (QUARANTINED, STOPPED)
+            if quarantined_or_idle:
+                self.state = RESTARTING
+        if channel is not None:
+            channel.kill()            # _host_exited schedules the restart
+        elif quarantined_or_idle:
+            self._restart()
+
+    def stop(self) -> None:
+        """Unload the drivers (pre_deinit/deinit in the host) and stop the host."""
+        with self._cond:
+            self._stopping = True
+            channel = self.channel
+            if self._timer:
+                self._timer.cancel()
+        if channel is None or not channel.alive:
+            with self._cond:
+                self.state = STOPPED
+            return
+        for d in self.devices:
+            try:
+                channel.call(Op.UNLOAD, d.driver_id, (), max_value=0, timeout=min(self.timeout_s, 5.0))
+            except Exception as exc:      # a host that cannot unload is killed below all the same
+                log.warning("group %d: unloading %s: %s", self.gid, d.name, exc)
+        channel.send_oneway(Op.SHUTDOWN)
+        if channel.sandboxed.wait(timeout=3) is None:
+            channel.kill()
+        with self._cond:
+            self._cond.wait_for(lambda: self.state == STOPPED, 3)
+            if self.state != STOPPED:
+                channel.kill()
+                self._cond.wait_for(lambda: self.state == STOPPED, 3)
+
+    def describe(self) -> dict:
+        channel = self.channel
+        pid = channel.sandboxed.pid if channel else None
+        return {"group": self.gid, "pid": pid, "state": self.state,
+                "uptime": round(time.monotonic() - self.started_at, 3) if channel else 0,
+                "pss": _pss(channel.sandboxed.inner_pid) if channel else 0,
+                "devices": [d.name for d in self.devices], "solo": self.solo, "restarts": self.restarts}
+
+
+def _pss(pid: int | None) -> int:
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,354 @@
+"""The Device Manager's face to applications: a Unix socket, one thread per connection.
+
+Callers are identified by ``SO_PEERCRED`` when they connect.  Handles belong to the connection
+that opened them and are closed when it goes away.  Every client message is parsed by
+``clientwire.decode_request``; a malformed one is answered ``EINVAL`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import json
+import logging
+import mmap
+import os
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from policy import decisions
+from reflector import clientwire as cw
+
+log = logging.getLogger("drvbox.server")
+
+MAX_HANDLES_PER_CONNECTION = 256
+MAX_SHM_BYTES = 256 * 1024 * 1024
+_CMSG = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+@dataclass(frozen=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+def _peer(sock: socket.socket) -> Caller:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    groups: tuple[int, ...] = (gid,)
+    try:       # supplementary groups are not in SO_PEERCRED; /proc is the best we can do
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups = tuple(sorted({gid, *map(int, line.split()[1:])}))
+    except (OSError, ValueError):
+        pass
+    return Caller(pid, uid, gid, groups)
+
+
+class Server:
+    def __init__(self, dm, path: Path):
+        self.dm = dm
+        self.path = Path(path)
+        self.sock: socket.socket | None = None
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()           # stale socket of a Device Manager that died
+            else:
+                probe.close()
+                raise RuntimeError(f"{self.path}: another Device Manager is serving this socket; "
+                                   f"stop it, or choose another path with --socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o117)                # mode 0660 from birth, not chmod'ed after
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        self.sock = sock
+        t = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                continue
+            t = threading.Thread(target=self._serve, args=(conn,), name="client", daemon=True)
+            with self._lock:
+                self._conns.add(conn)
+                self._threads.add(t)
+            t.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _serve(self, conn: socket.socket) -> None:
+        session = _Session(self.dm, conn, _peer(conn))
+        try:
+            session.run()
+        finally:
+            session.close()
+            with self._lock:
+                self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
+            conn.close()
+
+
+class _Session:
+    """One client connection: its caller, its handles, its shared memory."""
+
+    def __init__(self, dm, conn: socket.socket, caller: Caller):
+        self.dm = dm
+        self.conn = conn
+        self.caller = caller
+        self.handles: dict[int, tuple] = {}
+        self.next_handle = 1
+        self.shm: mmap.mmap | None = None
+        self.shm_view: memoryview | None = None
+
+    def run(self) -> None:
+        while True:
+            try:
+                data, anc, flags, _ = self.conn.recvmsg(cw.MAX_MESSAGE, _CMSG)
+            except OSError:
+                return
+            fds = _fds(anc)
+            if not data and not fds:
+                return
+            try:
+                req = cw.decode_request(data) if not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) else None
+                if req is None:
+                    raise cw.ClientProtocolError("message larger than the protocol allows")
+            except cw.ClientProtocolError as exc:
+                _close_all(fds)
+                self._send(cw.encode_reply(0, errno.EINVAL, 0, str(exc).encode()[:512]))
+                continue
+            try:
+                if req.op != cw.Op.SHM_ATTACH and fds:
+                    raise OSError(errno.EINVAL, "file descriptors are accepted only with SHM_ATTACH")
+                value, tail = self._handle(req, fds)     # mmap keeps its own duplicate of an attached fd
+                reply = cw.encode_reply(req.req_id, 0, value, tail)
+            except OSError as exc:
+                code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
+                reply = cw.encode_reply(req.req_id, code, 0, (exc.strerror or str(exc)).encode()[:512])
+            except Exception as exc:       # a bug of ours must not take the connection's peers down
+                log.exception("request %s failed", req.op.name)
+                reply = cw.encode_reply(req.req_id, errno.EIO, 0, f"internal error: {exc}".encode()[:512])
+            finally:
+                _close_all(fds)
+            if not self._send(reply):
+                return
+
+    def _send(self, reply: bytes) -> bool:
+        try:
+            self.conn.send(reply)
+            return True
+        except OSError:
+            return False
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _handle(self, req: cw.Request, fds: list[int]) -> tuple[int, bytes]:
+        op = req.op
+        if op == cw.Op.OPEN:
+            return self._open(req), b""
+        if op == cw.Op.LIST:
+            return 0, json.dumps(self.dm.describe()).encode()
+        if op == cw.Op.RESTART:
+            self._require_owner("restart")
+            self.dm.restart(_name(req.tail))
+            return 0, b""
+        if op == cw.Op.SHM_ATTACH:
+            self._attach(req.fields[0], fds)
+            return 0, b""
+        if op == cw.Op.HW:
+            self._require_owner("hw")
+            return 0, json.dumps(self.dm.hw_command(_json(req.tail))).encode()
+        device, ref = self._lookup(req.handle)
+        if op == cw.Op.CLOSE:
+            del self.handles[req.handle]
+            device.close(ref)
+            return 0, b""
+        if op == cw.Op.SEEK:
+            offset, whence = req.fields
+            if whence not in (0, 1, 2):
+                raise OSError(errno.EINVAL, f"whence {whence} is not SEEK_SET, SEEK_CUR or SEEK_END")
+            return device.seek(ref, offset, whence), b""
+        if op == cw.Op.READ:
+            length, off = req.fields
+            out, inline = self._buffer(req, off, length)
+            n = device.read(ref, out)
+            return n, bytes(out[:n]) if inline else b""
+        if op == cw.Op.WRITE:
+            length, off = req.fields
+            data = self._input(req, off, length)
+            return device.write(ref, data), b""
+        if op == cw.Op.IOCTL:
+            code, in_len, in_off, out_len, out_off = req.fields
+            data = self._input(req, in_off, in_len)
+            out, inline = self._buffer(req, out_off, out_len)
+            n = device.ioctl(ref, code, data, out)
+            return n, bytes(out[:n]) if inline else b""
+        raise OSError(errno.EINVAL, f"operation {op.name} is not a client request")
+
+    def _open(self, req: cw.Request) -> int:
+        access, share = req.fields
+        name = _name(req.tail)
+        device = self.dm.device(name)
+        if device is None:
+            raise OSError(errno.ENODEV, f"no device {name!r}; `drvbox ls` lists them")
+        if device.policy is None:
+            raise OSError(errno.ENODEV, f"{name} is not loaded: its policy was rejected (see `drvbox audit show --event policy.rejected`)")
+        verdict = decisions.may_open(device.policy, self.caller.uid, self.caller.groups, self.dm.owner_uid)
+        if not verdict:
+            self.dm.audit.record("client.denied", device=name, driver=device.entry.dll, group=device.entry.group,
+                                 pid=self.caller.pid,
+                                 detail={"uid": self.caller.uid, "gid": self.caller.gid, "reason": verdict.reason})
+            raise OSError(errno.EACCES, verdict.reason)
+        if len(self.handles) >= MAX_HANDLES_PER_CONNECTION:
+            raise OSError(errno.EMFILE, f"a connection may hold at most {MAX_HANDLES_PER_CONNECTION} handles")
+        ref = device.open(access, share)
+        handle = self.next_handle
+        self.next_handle += 1
+        self.handles[handle] = (device, ref)
+        return handle
+
+    def _lookup(self, handle: int):
+        entry = self.handles.get(handle)
+        if entry is None:
+            raise OSError(errno.EBADF, f"handle {handle} is not open on this connection")
+        return entry
+
+    def _require_owner(self, what: str) -> None:
+        if self.caller.uid not in (0, self.dm.owner_uid):
+            self.dm.audit.record("client.denied", pid=self.caller.pid,
+                                 detail={"uid": self.caller.uid, "op": what, "reason": "root or the daemon's owner only"})
+            raise OSError(errno.EACCES, f"only root or the Device Manager's owner may {what}")
+
+    def _attach(self, size: int, fds: list[int]) -> None:
+        if len(fds) != 1:
+            raise OSError(errno.EINVAL, f"SHM_ATTACH takes exactly one fd, got {len(fds)}")
+        fd = fds[0]
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size or not 0 < size <= MAX_SHM_BYTES:
+            raise OSError(errno.EINVAL, f"shared memory must be a memfd of the declared size (1..{MAX_SHM_BYTES} bytes)")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            raise OSError(errno.EINVAL, "shared memory must be a memfd (created with MFD_ALLOW_SEALING)") from None
+        if not seals & fcntl.F_SEAL_SHRINK:
+            # Without the seal a client could shrink the file under us and turn our next access into SIGBUS.
+            raise OSError(errno.EINVAL, "shared memory must be sealed with F_SEAL_SHRINK")
+        shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._release_shm()
+        self.shm, self.shm_view = shm, memoryview(shm)
+
+    def _buffer(self, req: cw.Request, off: int, length: int) -> tuple[memoryview, bool]:
+        if req.flags & cw.FLAG_SHM:
+            return self._shm_slice(off, length), False
+        if length > cw.MAX_INLINE:
+            raise OSError(errno.EINVAL, f"{length} bytes inline exceed {cw.MAX_INLINE}; attach shared memory")
+        return memoryview(bytearray(length)), True
+
+    def _input(self, req: cw.Request, off: int, length: int) -> memoryview:
+        if req.flags & cw.FLAG_SHM:
+            return self._shm_slice(off, length)
+        if len(req.tail) != length:
+            raise OSError(errno.EINVAL, f"declared {length} bytes of input, sent {len(req.tail)}")
+        return memoryview(req.tail)
+
+    def _shm_slice(self, off: int, length: int) -> memoryview:
+        if self.shm_view is None:
+            raise OSError(errno.EINVAL, "no shared memory attached")
+        if off + length > len(self.shm_view):
+            raise OSError(errno.EINVAL, f"bytes {off}..{off + length} lie outside the shared memory")
+        return self.shm_view[off:off + length]
+
+    def _release_shm(self) -> None:
+        if self.shm_view is not None:
+            self.shm_view.release()
+            try:
+                self.shm.close()
+            except BufferError:
+                pass
+        self.shm = self.shm_view = None
+
+    def close(self) -> None:
+        for device, ref in list(self.handles.values()):
+            try:
+                device.close(ref)
+            except OSError:
+                pass
+        self.handles.clear()
+        self._release_shm()
+
+
+def _fds(ancdata) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % array.array("i").itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _name(tail: bytes) -> str:
+    try:
+        name = tail.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(errno.EINVAL, "device name is not UTF-8") from None
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        raise OSError(errno.EINVAL, f"{name!r} is not a device name (like COM1:)")
+    return name
+
+
+def _json(tail: bytes):
+    try:
+        return json.loads(tail)
+    except ValueError as exc:
+        raise OSError(errno.EINVAL, f"malformed JSON: {exc}") from None
