@@ -1,0 +1,3 @@
+"""Broken: defines no class Driver."""
+
+driver = object()

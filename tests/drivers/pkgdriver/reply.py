@@ -1,0 +1,1 @@
+REPLY = b"from a package"
