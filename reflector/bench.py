@@ -1,0 +1,284 @@
+"""`drvbox bench`: the request path measured against this machine's floors, in one run.
+
+Floors are measured first, in the same run, so that ratios mean something on any machine:
+
+* ``floor_1hop_us``: a 64-byte round trip between two Python processes over a SOCK_SEQPACKET
+  socketpair -- the least a kernel-mode IOCTL through the Device Manager's socket can cost.
+* ``floor_2hop_us``: A -> B -> C -> B -> A, the same hop twice -- the least a user-mode IOCTL
+  (application -> Device Manager -> host and back) can cost.
+* ``memcpy_1mib_bps``: copying 1 MiB into a shared mapping through a memoryview.
+* ``python_start_ms``: ``python -c pass``.
+
+Then a real Device Manager is started (a subprocess, with a real sandboxed host) serving the
+``echo`` driver twice, once in kernel mode and once in user mode, and measured the same way.
+Targets (DESIGN/issue 4): user-mode IOCTL within 2x the two-hop floor, kernel-mode within 1.5x
+the one-hop floor, a 1 MiB read at 30 % of memcpy.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ECHO, CRASH = 0x00220000, 0x00220004
+
+_ECHO_PEER = textwrap.dedent("""
+    import socket, sys
+    a = socket.socket(fileno=int(sys.argv[1]))
+    b = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else None
+    while True:
+        m = a.recv(256)
+        if not m:
+            break
+        if b is None:
+            a.send(m)
+        else:
+            b.send(m); a.send(b.recv(256))
+""")
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def _timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def floor_hops(hops: int, n: int) -> float:
+    """Median round trip in µs through ``hops`` echoing Python processes in a chain."""
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    procs, fds = [], []
+    if hops == 1:
+        procs.append(subprocess.Popen([sys.executable, "-c", _ECHO_PEER, str(there.fileno())], pass_fds=[there.fileno()]))
+    else:
+        mid, end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        procs.append(subprocess.Popen([sys.executable, "-c", _ECHO_PEER, str(there.fileno()), str(mid.fileno())],
+                                      pass_fds=[there.fileno(), mid.fileno()]))
+        procs.append(subprocess.Popen([sys.executable, "-c", _ECHO_PEER, str(end.fileno())], pass_fds=[end.fileno()]))
+        fds += [mid, end]
+    there.close()
+    for s in fds:
+        s.close()
+    msg = b"x" * 64
+
+    def once():
+        here.send(msg)
+        here.recv(256)
+    _timed(once, 200)                  # warm up
+    samples = _timed(once, n)
+    here.close()
+    for p in procs:
+        p.wait(5)
+    return statistics.median(samples) * 1e6
+
+
+def floor_memcpy(n: int = 200) -> float:
+    src = os.urandom(1 << 20)
+    m = mmap.mmap(-1, 1 << 20)
+    view = memoryview(m)
+
+    def once():
+        view[:] = src
+    _timed(once, 20)
+    t = statistics.median(_timed(once, n))
+    view.release()
+    m.close()
+    return (1 << 20) / t
+
+
+def python_start_ms(n: int = 10) -> float:
+    return statistics.median(_timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), n)) * 1e3
+
+
+BENCH_REG = r"""REGEDIT4
+[HKEY_LOCAL_MACHINE\Drivers\BuiltIn\EchoKernel]
+"Dll"="echo.dll"
+"Prefix"="KEC"
+"Index"=dword:1
+"Order"=dword:1
+"IoctlAllow"=multi_sz:"0x00220000-0x0022000F"
+"MaxIoSize"=dword:00200000
+
+[HKEY_LOCAL_MACHINE\Drivers\BuiltIn\EchoUser]
+"Dll"="echo.dll"
+"Prefix"="UEC"
+"Index"=dword:1
+"Order"=dword:2
+"Flags"=dword:10
+"UserProcGroup"=dword:7
+"IoctlAllow"=multi_sz:"0x00220000-0x0022000F"
+"MaxIoSize"=dword:00200000
+
+[HKEY_LOCAL_MACHINE\Drivers\ProcGroup_0007]
+"ProcName"="udevice.exe"
+"ProcTimeout"=dword:2710
+"RestartLimit"=dword:100
+"RestartWindow"=dword:1
+"""
+
+
+def _prepare(tmp: Path) -> list[str]:
+    """Registry, key, signed policies and the `drvbox run` command line for the bench platform."""
+    from policy import signing
+    from policy.derive import derive
+    from policy.regfile import parse_files
+    from reflector.devmgr import builtin_driver_dir
+    reg = tmp / "bench.reg"
+    reg.write_text(BENCH_REG)
+    keys, policies, trust = tmp / "keys", tmp / "policies", tmp / "trust"
+    for d in (keys, policies, trust):
+        d.mkdir()
+    signing.generate_key("bench", keys)
+    (trust / "bench.pub").write_bytes((keys / "bench.pub").read_bytes())
+    key = signing.load_private_key(keys / "bench.key")
+    for derived in derive(parse_files([reg]).hive, [builtin_driver_dir()]):
+        if derived.entry.mode == "user":
+            (policies / "echo-user.json").write_text(json.dumps(signing.sign(derived.document, key)))
+    return [sys.executable, "-m", "reflector.cli", "--state-dir", str(tmp / "state"), "--socket", str(tmp / "dm.sock"),
+            "run", "--registry", str(reg), "--policies", str(policies), "--trust", str(trust)]
+
+
+def _wait_socket(path: Path, proc, timeout: float = 30) -> None:
+    from reflector.client import connect
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Device Manager exited with status {proc.returncode} before serving")
+        try:
+            with connect(path) as dm:
+                if all(d["state"] == "running" for d in dm.devices()["devices"]):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the Device Manager did not serve on {path} within {timeout}s")
+
+
+def measure(n: int = 2000, progress=lambda msg: None) -> dict:
+    from reflector.client import connect
+    result: dict = {}
+    progress("floor: one-hop socket ping-pong")
+    result["floor_1hop_us"] = floor_hops(1, n)
+    progress("floor: two-hop socket ping-pong")
+    result["floor_2hop_us"] = floor_hops(2, n)
+    progress("floor: memcpy of 1 MiB")
+    result["memcpy_1mib_bps"] = floor_memcpy()
+    progress("floor: python start-up")
+    result["python_start_ms"] = python_start_ms()
+    with tempfile.TemporaryDirectory(prefix="drvbox-bench-") as tmpname:
+        tmp = Path(tmpname)
+        cmd = _prepare(tmp)
+        progress("starting a Device Manager with the echo driver in kernel and user mode")
+        log = open(tmp / "dm.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_socket(tmp / "dm.sock", proc)
+            with connect(tmp / "dm.sock") as dm:
+                payload = b"x" * 64
+                for name, key in (("KEC1:", "ioctl_kernel"), ("UEC1:", "ioctl_user")):
+                    progress(f"IOCTL round trips on {name}")
+                    with dm.open(name) as h:
+                        _timed(lambda: h.ioctl(ECHO, payload, 64), 200)
+                        samples = _timed(lambda: h.ioctl(ECHO, payload, 64), n)
+                    result[f"{key}_us"] = statistics.median(samples) * 1e6
+                    if key == "ioctl_user":
+                        result["ioctl_user_p99_us"] = _pct(samples, 0.99) * 1e6
+                progress("1 MiB reads on UEC1:")
+                with dm.open("UEC1:") as h:
+                    h.read(1 << 20)
+                    samples = _timed(lambda: h.read(1 << 20), 50)
+                result["read_1mib_bps"] = (1 << 20) / statistics.median(samples)
+                progress("host restarts: crash the host, time until the next request is served")
+                restarts = []
+                for _ in range(5):
+                    time.sleep(1.1)          # let the restart window (1 s) pass: no back-off in the way
+                    restarts.append(_crash_and_recover(dm))
+                result["host_restart_ms"] = statistics.median(restarts) * 1e3
+            result["host_start_ms"] = _host_start_ms(tmp / "state" / "audit.log")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    result["ratio_user_vs_2hop"] = result["ioctl_user_us"] / result["floor_2hop_us"]
+    result["ratio_kernel_vs_1hop"] = result["ioctl_kernel_us"] / result["floor_1hop_us"]
+    result["ratio_read_vs_memcpy"] = result["read_1mib_bps"] / result["memcpy_1mib_bps"]
+    result["ratio_host_start_vs_python"] = result["host_start_ms"] / result["python_start_ms"]
+    return result
+
+
+def _crash_and_recover(dm) -> float:
+    with dm.open("UEC1:") as h:
+        t0 = time.perf_counter()
+        try:
+            h.ioctl(CRASH, b"", 0)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+    while True:
+        try:
+            with dm.open("UEC1:") as h:
+                h.ioctl(ECHO, b"x", 1)
+            return time.perf_counter() - t0
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.ESTALE, errno.ENODEV):
+                raise
+        if time.perf_counter() - t0 > 30:
+            raise RuntimeError("the host did not come back within 30 s")
+
+
+def _host_start_ms(audit_log: Path) -> float:
+    """Spawn until the drivers are loaded and the host serves, as the Device Manager recorded it."""
+    starts = []
+    for line in audit_log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "host.started" and "start_ms" in (rec.get("detail") or {}):
+            starts.append(rec["detail"]["start_ms"])
+    return statistics.median(starts) if starts else float("nan")
+
+
+TARGETS = (
+    ("ratio_user_vs_2hop", "user-mode IOCTL / two-hop floor", "<= 2.0", lambda r: r <= 2.0),
+    ("ratio_kernel_vs_1hop", "kernel-mode IOCTL / one-hop floor", "<= 1.5", lambda r: r <= 1.5),
+    ("ratio_read_vs_memcpy", "1 MiB read / memcpy", ">= 0.30", lambda r: r >= 0.30),
+)
+
+
+def report(r: dict) -> str:
+    lines = [
+        f"floor: one hop          {r['floor_1hop_us']:9.1f} µs",
+        f"floor: two hops         {r['floor_2hop_us']:9.1f} µs",
+        f"floor: memcpy 1 MiB     {r['memcpy_1mib_bps'] / 1e9:9.2f} GB/s",
+        f"floor: python -c pass   {r['python_start_ms']:9.1f} ms",
+        f"IOCTL kernel mode       {r['ioctl_kernel_us']:9.1f} µs",
+        f"IOCTL user mode         {r['ioctl_user_us']:9.1f} µs  (p99 {r['ioctl_user_p99_us']:.1f} µs)",
+        f"read 1 MiB user mode    {r['read_1mib_bps'] / 1e9:9.2f} GB/s",
+        f"host start              {r['host_start_ms']:9.1f} ms",
+        f"host restart            {r['host_restart_ms']:9.1f} ms  (crash until the next request is served)",
+        "",
+    ]
+    for key, what, target, ok in TARGETS:
+        lines.append(f"{what:<36} {r[key]:6.2f}  target {target}  {'ok' if ok(r[key]) else 'MISSED'}")
+    return "\n".join(lines)
