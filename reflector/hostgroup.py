@@ -36,6 +36,13 @@ BACKOFF_MAX_S = 5.0
 BLAMES_BEFORE_SPLIT = 2
 
 
+def _backoff(failures: int) -> float:
+    """Seconds to wait before restart number ``failures`` of the window: the first at once."""
+    if failures <= 1:
+        return 0.0
+    return min(BACKOFF_FIRST_S * 2 ** (failures - 2), BACKOFF_MAX_S)
+
+
 def _fail(code: int, message: str) -> OSError:
     return OSError(code, f"{os.strerror(code)}: {message}")
 
@@ -283,7 +290,7 @@ class HostGroup:
             log.error("group %d: %d failures in %ss: quarantined", self.gid, len(self._failures),
                       self.settings.restart_window_s)
             return
-        self._schedule_restart(min(BACKOFF_FIRST_S * 2 ** (len(self._failures) - 1), BACKOFF_MAX_S))
+        self._schedule_restart(_backoff(len(self._failures)))
 
     def _maybe_split(self, channel: HostChannel, now: float) -> bool:
         """Move a pooled driver that keeps crashing its shared host into a host of its own."""
@@ -336,7 +343,7 @@ class HostGroup:
                     self.audit.record("driver.quarantined", device=d.name, group=self.gid,
                                       detail={"reason": "host could not be started", "error": str(exc)})
                 return
-            self._schedule_restart(min(BACKOFF_FIRST_S * 2 ** len(self._failures), BACKOFF_MAX_S))
+            self._schedule_restart(_backoff(len(self._failures) + 1))
             return
         if first:
             return
