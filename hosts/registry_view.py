@@ -9,10 +9,11 @@ type                   data on the wire             value in ctx.registry
 ``dword``, ``qword``   integer                      ``int``
 ``sz``, ``expand_sz``  string                       ``str``
 ``multi_sz``           list of strings              ``tuple`` of ``str``
-``binary``             hex string (``"0a1b"``)      ``bytes``
+``binary``, ``hex(N)``  hex string (``"0a1b"``)      ``bytes``
 =====================  ===========================  ==================
 
-(``string`` is accepted for ``sz``, ``hex`` and ``bytes`` for ``binary``.)  Anything else raises
+(``hex(N)`` is any other registry type kept as raw bytes, as ``policy.hive`` names it;
+``string`` is accepted for ``sz``, ``hex`` and ``bytes`` for ``binary``.)  Anything else raises
 ``ValueError`` naming the value, so a LOAD with a malformed registry fails instead of handing the
 driver something it did not expect.
 """
@@ -59,6 +60,14 @@ class RegistryView(Mapping):
         return f"RegistryView({dict(self.items())!r})"
 
 
+def _is_hex_type(kind: str) -> bool:
+    """``hex(N)``, N in hex: a registry type without a name of its own, held as bytes."""
+    if not (kind.startswith("hex(") and kind.endswith(")")):
+        return False
+    digits = kind[4:-1]
+    return 0 < len(digits) <= 8 and all(c in "0123456789abcdef" for c in digits)
+
+
 def _value(name: str, typed: object) -> object:
     if not isinstance(typed, dict) or set(typed) != {"type", "data"}:
         raise ValueError(f"registry value {name!r}: expected {{'type': ..., 'data': ...}}, got {typed!r}")
@@ -79,7 +88,7 @@ def _value(name: str, typed: object) -> object:
         if not isinstance(data, list) or not all(isinstance(s, str) for s in data):
             raise ValueError(f"registry value {name!r}: multi_sz data {data!r} is not a list of strings")
         return tuple(data)
-    if kind in _BINARY:
+    if kind in _BINARY or _is_hex_type(kind):
         if not isinstance(data, str):
             raise ValueError(f"registry value {name!r}: binary data {data!r} is not a hex string")
         try:
@@ -87,7 +96,7 @@ def _value(name: str, typed: object) -> object:
         except ValueError:
             raise ValueError(f"registry value {name!r}: binary data {data!r} is not valid hex") from None
     raise ValueError(f"registry value {name!r}: unknown type {kind!r} "
-                     f"(known: dword, qword, sz, expand_sz, multi_sz, binary)")
+                     f"(known: dword, qword, sz, expand_sz, multi_sz, binary, hex(N))")
 
 
 def from_wire(values: object) -> RegistryView:

@@ -262,13 +262,15 @@ def test_registry_from_wire_types():
         "IoctlAllow": {"type": "multi_sz", "data": ["0x1", "0x2"]},
         "Mac": {"type": "binary", "data": "0a0b"},
         "Big": {"type": "qword", "data": 1 << 40},
+        "Resources": {"type": "hex(8)", "data": "ff00"},
     })
     assert view["irq"] == 5 and view["IRQ"] == 5
     assert view["prefix"] == "COM"
     assert view["ioctlallow"] == ("0x1", "0x2")
     assert view["mac"] == b"\x0a\x0b"
     assert view["big"] == 1 << 40
-    assert sorted(view) == ["Big", "IoctlAllow", "Irq", "Mac", "Prefix"]
+    assert view["resources"] == b"\xff\x00"
+    assert sorted(view) == ["Big", "IoctlAllow", "Irq", "Mac", "Prefix", "Resources"]
     assert "IRQ" in view and "nope" not in view and 5 not in view
 
 
@@ -288,6 +290,7 @@ def test_registry_view_is_read_only():
     ({"A": {"type": "multi_sz", "data": "x"}}, "not a list of strings"),
     ({"A": {"type": "binary", "data": "zz"}}, "not valid hex"),
     ({"A": {"type": "link", "data": ""}}, "unknown type 'link'"),
+    ({"A": {"type": "hex(zz)", "data": ""}}, "unknown type 'hex(zz)'"),
     ({"A": {"type": "sz"}}, "expected {'type'"),
     ({"A": 5}, "expected {'type'"),
     ({"A": {"type": "sz", "data": "1"}, "a": {"type": "sz", "data": "2"}}, "given twice"),
