@@ -1,0 +1,154 @@
+"""Start a real Device Manager (a subprocess running `drvbox run`) on a registry of the test's
+own, with policies derived and signed by the real toolchain, and talk to it with the real client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from reflector.client import connect
+
+HERE = Path(__file__).parent
+TEST_DRIVERS = HERE / "drivers"
+ROOT = HERE.parent.parent
+
+
+def reg_driver(name: str, prefix: str, dll: str = "faulty.dll", *, user: bool = True, group: int | None = 1,
+               order: int = 1, extra: str = "") -> str:
+    lines = [f"[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\{name}]", f'"Dll"="{dll}"', f'"Prefix"="{prefix}"',
+             '"Index"=dword:1', f'"Order"=dword:{order}', f'"Flags"=dword:{"10" if user else "0"}']
+    if group is not None:
+        lines.append(f'"UserProcGroup"=dword:{group}')
+    if extra:
+        lines.append(extra.strip())
+    return "\n".join(lines) + "\n\n"
+
+
+def reg_group(group: int, timeout_ms: int = 3000, restart_limit: int = 5, window_s: int = 60, extra: str = "") -> str:
+    return (f"[HKEY_LOCAL_MACHINE\\Drivers\\ProcGroup_{group:04d}]\n\"ProcName\"=\"udevice.exe\"\n"
+            f"\"ProcTimeout\"=dword:{timeout_ms:x}\n\"RestartLimit\"=dword:{restart_limit:x}\n"
+            f"\"RestartWindow\"=dword:{window_s:x}\n{extra}\n")
+
+
+class DeviceManagerProcess:
+    def __init__(self, tmp: Path, registry: str, driver_dirs=(TEST_DRIVERS,), sign=True, extra_args=()):
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.socket = tmp / "dm.sock"
+        self.reg = tmp / "platform.reg"
+        self.reg.write_text("REGEDIT4\n\n" + registry)
+        self.driver_dirs = [Path(d) for d in driver_dirs]
+        self.policies = tmp / "policies"
+        self.trust = tmp / "trust"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = tmp / "dm.log"
+        self.extra_args = list(extra_args)
+        if sign:
+            self.sign_policies()
+
+    def sign_policies(self) -> None:
+        from policy import signing
+        from policy.derive import derive
+        from policy.regfile import parse_files
+        keys = self.tmp / "keys"
+        for d in (keys, self.policies, self.trust):
+            d.mkdir(exist_ok=True)
+        if not (keys / "test.key").exists():
+            signing.generate_key("test", keys)
+            (self.trust / "test.pub").write_bytes((keys / "test.pub").read_bytes())
+        key = signing.load_private_key(keys / "test.key")
+        for derived in derive(parse_files([self.reg]).hive, self.driver_dirs):
+            if derived.entry.mode == "user":
+                name = derived.entry.key_path.rsplit("\\", 1)[-1]
+                (self.policies / f"{name}.json").write_text(json.dumps(signing.sign(derived.document, key)))
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(self.state), "--socket", str(self.socket),
+               "-v", "run", "--registry", str(self.reg), "--policies", str(self.policies), "--trust", str(self.trust)]
+        for d in self.driver_dirs:
+            cmd += ["--driver-path", str(d)]
+        return cmd + self.extra_args
+
+    def start(self, wait_states=("running", "rejected", "quarantined")) -> "DeviceManagerProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"drvbox run exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with connect(self.socket) as dm:
+                    devices = dm.devices()["devices"]
+                if all(d["state"] in wait_states for d in devices):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"drvbox run did not come up:\n{self.log()}")
+
+    def client(self):
+        return connect(self.socket)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def audit(self, event: str | None = None) -> list[dict]:
+        path = self.state / "audit.log"
+        out = []
+        if not path.exists():
+            return out
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if event is None or rec.get("event") == event:
+                out.append(rec)
+        return out
+
+    def wait_audit(self, event: str, count: int = 1, timeout: float = 20, **match) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            recs = [r for r in self.audit(event) if all(r.get(k) == v for k, v in match.items())]
+            if len(recs) >= count:
+                return recs
+            time.sleep(0.05)
+        raise AssertionError(f"no {count}x {event} {match} in the audit log; got {self.audit()}\n{self.log()}")
+
+    def wait_state(self, device: str, state: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            with self.client() as dm:
+                for d in dm.devices()["devices"]:
+                    if d["name"] == device:
+                        last = d["state"]
+                        if last == state:
+                            return
+            time.sleep(0.05)
+        raise AssertionError(f"{device} stayed {last}, expected {state}\n{self.log()}")
+
+    def host_pids(self) -> list[int]:
+        with self.client() as dm:
+            return [h["pid"] for h in dm.devices()["hosts"] if h["pid"]]
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
