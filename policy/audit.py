@@ -265,7 +265,7 @@ class AuditLog:
         self._write(lead + line)
         self._seq, self._hash = rec["seq"], rec["hash"]
         self._since_checkpoint = 0 if event == CHECKPOINT_EVENT else self._since_checkpoint + 1
-        return dict(rec, detail=dict(rec["detail"]))
+        return json.loads(line)             # exactly what is on disk, not the caller's objects
 
     def _append_checkpoint(self) -> None:
         signed = sign(self._key, checkpoint_message(self._seq, self._hash))

@@ -121,6 +121,8 @@ class _Walk:
                                          "(the torn bytes were removed or changed)")
 
         self.records += 1
+        if seq < self.expected_seq - 1:
+            return          # a record from the past: the chain goes on from the newest one seen
         self.expected_seq = seq + 1
         self.prev_hash = rec["hash"]
         self.prev_where = f"line {number} (seq {seq})"
