@@ -289,8 +289,10 @@ def verify_envelope(unverified_envelope: dict, trust: TrustStore) -> dict:
         kid, sig64 = s["keyid"], s["sig"]
         if not isinstance(kid, str) or not _KEYID.match(kid):
             raise SignatureError("malformed", f"signatures[{i}].keyid is not 64 lowercase hex digits")
+        if not isinstance(sig64, str):
+            raise SignatureError("malformed", f"signatures[{i}].sig is not a string")
         try:
-            sig = base64.b64decode(sig64.encode("ascii") if isinstance(sig64, str) else b"!", validate=True)
+            sig = base64.b64decode(sig64.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
             raise SignatureError("malformed", f"signatures[{i}].sig is not valid base64") from None
         if len(sig) != 64:

@@ -180,7 +180,8 @@ def _grants(doc: dict) -> list[str]:
     if cl["users"] is None and cl["groups"] is None:
         clients = "everyone who can reach the socket"
     else:
-        clients = f"users {cl['users'] or []} groups {cl['groups'] or []}"
+        clients = "only " + "; ".join(f"{what} {', '.join(who)}" for what, who in
+                                      (("users", cl["users"]), ("groups", cl["groups"])) if who) if (cl["users"] or cl["groups"]) else "nobody (empty AllowUsers/AllowGroups)"
     if cl["trusted_only"]:
         clients += " (root or owner only)"
     nodes = ", ".join(f"{n['path']} ({n['mode']}" + (f"; ioctls {_fmt_ranges(n['ioctls'])})" if n.get("ioctls") else ")")

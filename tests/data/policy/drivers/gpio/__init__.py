@@ -1,0 +1,3 @@
+"""A package driver for tests."""
+class Driver:
+    pass
