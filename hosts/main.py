@@ -29,7 +29,7 @@ import importlib.machinery  # noqa: F401
 import importlib.util  # noqa: F401
 import select  # noqa: F401
 
-from hosts import kernel_proxy, pool, registry_view
+from hosts import ioctl, kernel_proxy, pool, registry_view  # noqa: F401 (ioctl: for drivers)
 from hosts.api import ERROR
 from hosts.channel import Channel
 from hosts.dispatch import LoadedDriver, LoadError, describe
