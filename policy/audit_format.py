@@ -148,10 +148,10 @@ def check_shape(record: Any) -> str | None:
 # -- keys and signatures ------------------------------------------------------------------------
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
-    """First 16 hex digits of the SHA-256 of the raw 32-byte public key."""
+    """SHA-256 (hex) of the raw 32-byte public key: the same id ``policy.signing`` gives a key."""
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(raw).hexdigest()
 
 
 def checkpoint_message(seq: int, digest: str) -> bytes:

@@ -53,6 +53,23 @@ def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value).astimezone(timezone.utc)
 
 
+def matches(rec: dict, event: str | None = None, device: str | None = None,
+            since: datetime | None = None) -> bool:
+    """Whether a well-formed record passes the filters of ``read_records``."""
+    if event is not None and not _event_matches(rec["event"], event):
+        return False
+    if device is not None and (rec["device"] is None or _device_key(rec["device"]) != _device_key(device)):
+        return False
+    if since is not None:
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=timezone.utc)
+        try:
+            return parse_time(rec["time"]) >= since
+        except ValueError:
+            return False          # a time we cannot read cannot be shown to be after `since`
+    return True
+
+
 def read_records(path: Path, event: str | None = None, device: str | None = None,
                  since: datetime | None = None) -> Iterator[dict]:
     """Well-formed records of the log, in order, matching every filter given.
@@ -61,24 +78,9 @@ def read_records(path: Path, event: str | None = None, device: str | None = None
     ``"COM1:"`` or ``"COM1"``, case-insensitive.  ``since``: records at or after it; a naive
     datetime is taken as UTC.  Lines that are not records are skipped (see ``iter_lines``).
     """
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=timezone.utc)
-    want_device = _device_key(device) if device is not None else None
     for line in iter_lines(path):
-        rec = line.record
-        if rec is None:
-            continue
-        if event is not None and not _event_matches(rec["event"], event):
-            continue
-        if want_device is not None and (rec["device"] is None or _device_key(rec["device"]) != want_device):
-            continue
-        if since is not None:
-            try:
-                if parse_time(rec["time"]) < since:
-                    continue
-            except ValueError:
-                continue          # a time we cannot read cannot be shown to be after `since`
-        yield rec
+        if line.record is not None and matches(line.record, event, device, since):
+            yield line.record
 
 
 def stats(path: Path) -> dict:
