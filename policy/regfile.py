@@ -393,6 +393,8 @@ _HEADER = re.compile(r"(?i)(REGEDIT4|Windows Registry Editor Version 5\.00)\Z")
 _TYPE_PREFIX = re.compile(r"(?i)(dword|hex(?:\(([^)]*)\))?|multi_sz|mui_sz)[ \t]*:")
 _LIST_TYPE_PREFIX = re.compile(r'(?i)(?:@|"(?:[^"\\]|\\.)*")[ \t]*=[ \t]*(hex(?:\([^)]*\))?|multi_sz|mui_sz)[ \t]*:')
 _HEX_CONTINUATION = re.compile(r"[0-9a-fA-F]{1,2}[ \t]*(,|\\|\Z)")
+# More list items, not the next value: a quoted string followed by a comma, a backslash or nothing.
+_STRING_CONTINUATION = re.compile(r'"(?:[^"\\]|\\.)*"[ \t]*(,|\\|\Z)')
 _WORD_COLON = re.compile(r"([A-Za-z_][A-Za-z0-9_()]*)[ \t]*:")
 _HEX_DIGITS = re.compile(r"[0-9a-fA-F]+\Z")
 _UNQUOTED_ASSIGN = re.compile(r"([A-Za-z_][^=\"\[]*?)[ \t]*=")
@@ -507,6 +509,8 @@ class _Parser:
             if not (len(args) == 1 or (len(args) == 2 and args[1] == "!")) or not _IDENT.match(args[0]):
                 # Still open a (false) block, so that its ENDIF is not reported a second time.
                 stack.append(_Cond("IF", line[start:stop].strip(), n, active, True, False))
+                if not active:
+                    return
                 raise _Problem((n, rest_start + 1), f"expected 'IF NAME' or 'IF NAME !', found {line[start:stop].strip()!r}",
                                "CE's IF takes one environment variable, optionally followed by '!'")
             label = "IF " + " ".join(args)
@@ -743,7 +747,7 @@ class _Parser:
                 nstart, nstop, nopen = _code_part(nline)
                 more = nline[nstart:nstop]
                 is_hex = list_type.group(1).lower().startswith("hex")
-                if (more.startswith('"') if not is_hex else bool(_HEX_CONTINUATION.match(more))):
+                if (_STRING_CONTINUATION if not is_hex else _HEX_CONTINUATION).match(more):
                     next(lines)
                     text = text + _Text.of(nline, nxt, nstart, nstop)
                     string_open = nopen
