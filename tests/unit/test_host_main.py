@@ -429,3 +429,47 @@ def test_kernel_reply_with_unexpected_extra_fds_closes_them(kernel_host):
     finally:
         os.close(extra)
     assert host.fd_count() == before
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ((0, 7, b'{"mode": "mapped"}', []), b"error:71:OSError"),        # mapped, but no fd passed
+    ((0, 7, b"not json", []), b"error:71:OSError"),
+    ((0, 7, b'["mapped"]', []), b"error:71:OSError"),
+    ((0, 7, b'{"mode": "teleport"}', []), b"error:71:OSError"),
+    ((0, 7, b'{"mode": "mapped", "offset": -1}', []), b"error:71:OSError"),
+    ((errno.ENODEV, 0, b"this platform has no hardware", []), b"error:19:OSError"),
+    ((errno.EPERM, 0, b"", []), b"error:1:PermissionError"),
+])
+def test_kernel_malformed_or_failed_answers_raise_in_the_driver(kernel_host, answer, expected):
+    host, h, _ = kernel_host
+    host.kernel = lambda frame: answer
+    assert host.ioctl(1, h, 0x80004008, _ints(0x48000000, 4096, 0)) == (0, expected)
+    assert host.proc.poll() is None
+
+
+def test_kernel_failed_answer_closes_the_fds_it_carried(kernel_host):
+    host, h, _ = kernel_host
+    extra = os.open("/dev/null", os.O_RDONLY)
+    host.kernel = lambda frame: (errno.EACCES, 0, b"denied", [extra])
+    before = host.fd_count()
+    try:
+        assert host.ioctl(1, h, 0x80004018, _ints(5)) == (0, b"error:13:PermissionError")
+    finally:
+        os.close(extra)
+    assert host.fd_count() == before
+
+
+def test_kernel_calls_from_two_drivers_are_routed_to_each(host):
+    calls = []
+
+    def answer(frame):
+        calls.append(frame.driver_id)
+        return 0, 100 + frame.driver_id, b"", []
+    host.kernel = answer
+    assert host.load(1, "kernel_user.py", name="K1:") == (0, 0)
+    assert host.load(2, "kernel_user.py", name="K2:") == (0, 0)
+    _, h1 = host.call(Op.OPEN, 1, 0, 0)
+    _, h2 = host.call(Op.OPEN, 2, 0, 0)
+    assert host.ioctl(1, h1, 0x80004000, _ints(1)) == (0, b"101")
+    assert host.ioctl(2, h2, 0x80004000, _ints(1)) == (0, b"102")
+    assert calls == [1, 2]
