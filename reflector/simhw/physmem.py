@@ -152,6 +152,7 @@ class PhysicalMemory:
             mine = [r for r in self._regions.values() if r.owner == owner]
             for region in mine:
                 self._drop(region)
+            self._close_lingering()
             return sum(r.size for r in mine)
 
     def _drop(self, region: DmaRegion) -> None:
