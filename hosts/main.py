@@ -147,10 +147,11 @@ class Host:
         if op == Op.UNLOAD:
             del self.slots[frame.driver_id]  # later requests for it fail at once with ENODEV
             return slot.pool.submit(lambda: self._unload(slot, frame))
-        call = self._call_for(frame)
-        if call is None:
+        prepared = self._call_for(frame)
+        if prepared is None:
             return self._reply(frame, errno.EINVAL)
-        slot.pool.submit(lambda: self._run(slot, frame, call))
+        call, views = prepared
+        slot.pool.submit(lambda: self._run(slot, frame, call, views))
 
     def _view(self, off: int, length: int, writable: bool) -> memoryview | None:
         """A view of exactly ``length`` arena bytes at ``off``, or None if it does not fit."""
@@ -160,37 +161,41 @@ class Host:
         return view if writable else view.toreadonly()
 
     def _call_for(self, frame: Frame):
-        """The LoadedDriver call for one request, with its arena views made and checked here,
-        on the reader, so that a request outside the arena is refused before it is queued."""
+        """``(call, views)`` for one request: the LoadedDriver call, and the arena views it was
+        given (released after it).  The views are made and checked here, on the reader, so that a
+        request outside the arena is refused before it is queued.  None: refuse with EINVAL (an
+        operation not listed here included)."""
         op, f = frame.op, frame.fields
         if op == Op.OPEN:
-            return lambda d: d.open(f[0], f[1])
+            return (lambda d: d.open(f[0], f[1])), ()
         if op == Op.CLOSE:
-            return lambda d: d.close(f[0])
+            return (lambda d: d.close(f[0])), ()
         if op == Op.PRE_CLOSE:
-            return lambda d: d.pre_close(f[0])
+            return (lambda d: d.pre_close(f[0])), ()
         if op == Op.POWER:
-            return lambda d: d.power(bool(f[0]))
+            return (lambda d: d.power(bool(f[0]))), ()
         if op == Op.SEEK:
-            return lambda d: d.seek(f[0], f[1], f[2])
+            return (lambda d: d.seek(f[0], f[1], f[2])), ()
         if op == Op.READ:
             out = self._view(f[1], f[2], writable=True)
-            return None if out is None else (lambda d: d.read(f[0], out), out)
+            return None if out is None else ((lambda d: d.read(f[0], out)), (out,))
         if op == Op.WRITE:
             data = self._view(f[1], f[2], writable=False)
-            return None if data is None else (lambda d: d.write(f[0], data), data)
+            return None if data is None else ((lambda d: d.write(f[0], data)), (data,))
         if op == Op.IOCTL:
-            inbuf = self._view(f[2], f[3], writable=False)
-            outbuf = self._view(f[4], f[5], writable=True)
+            in_off, in_len, out_off, out_len = f[2:]
+            # Overlapping buffers would let the driver change its input while reading it, after
+            # the Reflector checked it; the Reflector never allocates them so.
+            if in_len and out_len and in_off < out_off + out_len and out_off < in_off + in_len:
+                return None
+            inbuf = self._view(in_off, in_len, writable=False)
+            outbuf = self._view(out_off, out_len, writable=True)
             if inbuf is None or outbuf is None:
                 return None
-            return (lambda d: d.ioctl(f[0], f[1], inbuf, outbuf), inbuf, outbuf)
+            return (lambda d: d.ioctl(f[0], f[1], inbuf, outbuf)), (inbuf, outbuf)
         return None
 
-    def _run(self, slot: _Slot, frame: Frame, call) -> None:
-        views = ()
-        if isinstance(call, tuple):
-            call, *views = call
+    def _run(self, slot: _Slot, frame: Frame, call, views: tuple) -> None:
         slot.ready.wait()
         loaded = slot.loaded
         status, value = (errno.ENODEV, 0) if loaded is None else call(loaded)

@@ -153,6 +153,11 @@ def test_requests_outside_the_arena_are_einval(host):
     assert host.call(Op.WRITE, 1, h, 2**64 - 1, 1) == (errno.EINVAL, 0)
     assert host.call(Op.IOCTL, 1, h, 0x80002000, 0, ARENA_SIZE + 1, 0, 1) == (errno.EINVAL, 0)
     assert host.call(Op.IOCTL, 1, h, 0x80002000, 0, 1, ARENA_SIZE, 1) == (errno.EINVAL, 0)
+    # input and output must not overlap (the driver could change what was checked)
+    assert host.call(Op.IOCTL, 1, h, 0x80002000, 0, 8, 4, 8) == (errno.EINVAL, 0)
+    assert host.call(Op.IOCTL, 1, h, 0x80002000, 8, 8, 0, 9) == (errno.EINVAL, 0)
+    assert host.call(Op.IOCTL, 1, h, 0x80002000, 8, 8, 0, 8) == (0, 8)
+    assert host.call(Op.IOCTL, 1, h, 0x80002000, 8, 0, 8, 8) == (0, 0)
     # exactly up to the end is fine
     assert host.call(Op.READ, 1, h, ARENA_SIZE - 4, 4) == (0, 0)
 
