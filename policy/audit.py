@@ -86,6 +86,7 @@ from policy.audit_format import (
     head_path,
     is_hash,
     is_int,
+    is_urgent,
     record_hash,
     seal,
     sign,
@@ -121,16 +122,8 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
 }
 KNOWN_EVENTS: frozenset[str] = frozenset(EVENT_DESCRIPTIONS)
 
-# fsync'd before ``record`` returns: losing these to a power cut would hide an attack.
-_URGENT_EVENTS = frozenset({"host.crashed", "driver.quarantined", "policy.rejected", RECOVERED_EVENT})
-_URGENT_SUFFIXES = (".denied", ".violation")
-
 SYNC_INTERVAL = 1.0            # seconds: the longest a written record waits for its fsync
 _TAIL_CHUNK = 64 * 1024
-
-
-def is_urgent(event: str) -> bool:
-    return event in _URGENT_EVENTS or event.endswith(_URGENT_SUFFIXES)
 
 
 def _now() -> str:
@@ -202,15 +195,20 @@ class AuditLog:
             if self._key is not None and self._since_checkpoint >= self._every:
                 self._append_checkpoint()
         if recovered or is_urgent(event):
-            self.sync()
+            self._sync_to(written["seq"])
         else:
             self._wake.set()
         return written
 
     def sync(self) -> None:
         """fsync the log, then sign and atomically rewrite the head to what is now on disk."""
+        self._sync_to(None)
+
+    def _sync_to(self, seq_needed: int | None) -> None:
+        # Many threads reporting violations at once queue here; whoever gets the lock fsyncs
+        # everything written so far, and the others find their record already covered.
         with self._sync_lock:
-            if self._fd is None:
+            if self._fd is None or (seq_needed is not None and self._synced_seq >= seq_needed):
                 return
             with self._lock:
                 seq, digest = self._seq, self._hash

@@ -47,6 +47,11 @@ CHECKPOINT_EVENT = "audit.checkpoint"
 RECOVERED_EVENT = "audit.recovered"
 RESERVED_PREFIX = "audit."
 
+# fsync'd and signed (in the head) before ``record`` returns: losing one of these to a power cut
+# would hide an attack, and ``verify`` may therefore insist that a signature covers each of them.
+URGENT_EVENTS = frozenset({"host.crashed", "driver.quarantined", "policy.rejected", RECOVERED_EVENT})
+URGENT_SUFFIXES = (".denied", ".violation")
+
 EVENT_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -108,6 +113,10 @@ def seal(record: dict[str, Any]) -> bytes:
     """Set ``record["hash"]`` and return the record's line, newline included."""
     record["hash"] = record_hash(record)
     return canonical(record) + b"\n"
+
+
+def is_urgent(event: str) -> bool:
+    return event in URGENT_EVENTS or event.endswith(URGENT_SUFFIXES)
 
 
 def is_hash(value: Any) -> bool:

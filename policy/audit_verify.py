@@ -36,6 +36,7 @@ from policy.audit_format import (
     head_path,
     is_hash,
     is_int,
+    is_urgent,
     keys_by_id,
     record_hash,
 )
@@ -71,6 +72,7 @@ class _Walk:
         self.last_line = 0
         self.signed_seq = 0
         self.hashes: dict[int, str] = {}       # only the seqs the head may ask about
+        self.urgent: list[tuple[int, int, str]] = []   # (line, seq, event) of violations seen
         self.broken: tuple[int, bytes, str] | None = None   # a line that is not a record, awaiting acknowledgement
 
     def problem(self, line: int | None, text: str) -> None:
@@ -129,6 +131,8 @@ class _Walk:
         self.last_seq, self.last_line = seq, number
         if want_hash_of == seq:
             self.hashes[seq] = rec["hash"]
+        if is_urgent(rec["event"]):
+            self.urgent.append((number, seq, rec["event"]))
 
     def _not_a_record(self, number: int, body: bytes, reason: str) -> None:
         self._settle_broken(None)
@@ -179,7 +183,8 @@ class _Walk:
         seq, digest = head.get("seq"), head.get("hash")
         if not is_int(seq) or not is_hash(digest):
             return self.problem(None, f"{name} is malformed (seq {seq!r}, hash {digest!r})")
-        if head.get("sig") is None:
+        signed = head.get("sig") is not None
+        if not signed:
             self.problem(None, f"{name} is not signed: the log was written without a signing key, so "
                                f"re-chaining and truncation cannot be ruled out")
         else:
@@ -188,18 +193,30 @@ class _Walk:
                 return self.problem(None, f"{name}: {why}")
         if seq > self.last_seq:
             self.problem(None, f"the log ends at seq {self.last_seq} (line {self.last_line}) but {name} "
-                               f"(signed) says seq {seq} was written: seq {self.last_seq + 1}..{seq} are "
-                               f"missing -- the log was truncated")
+                               f"{'(signed) ' * signed}says seq {seq} was written: seq {self.last_seq + 1}..{seq} "
+                               f"are missing -- the log was truncated")
         elif seq > 0 and self.hashes.get(seq) != digest:
             self.problem(None, f"seq {seq} in the log is not the record {name} signed (hash "
                                f"{digest[:16]}..): the log was rewritten up to there")
-        else:
+        elif signed:
             self.signed_seq = max(self.signed_seq, seq)
+            self._unsigned_urgent()      # only against a head that holds: else that is the problem
         if self.signed_seq < self.last_seq and not self.problems:
             n = self.last_seq - self.signed_seq
             self.notes.append(f"seq {self.signed_seq + 1}..{self.last_seq} ({n} record{'s' * (n != 1)}) "
                               f"were written after the last signature (a crash before the next fsync); "
                               f"whole lines cut from there would not be noticed")
+
+    def _unsigned_urgent(self) -> None:
+        # The unsigned tail a crash leaves holds only ordinary records: the writer signs every
+        # violation before `record` returns.  A violation no signature covers was appended by
+        # someone else -- or the Device Manager died in the microseconds between write and fsync,
+        # which we cannot tell apart and so do not excuse.
+        for number, seq, event in self.urgent:
+            if seq > self.signed_seq:
+                self.problem(number, f"seq {seq}: {event} is covered by no signature although violations "
+                                     f"are signed as soon as they are written: it was appended afterwards "
+                                     f"(or the Device Manager died in that instant)")
 
 
 def _seq_text(seq: Any) -> str:

@@ -476,6 +476,28 @@ def test_rechained_log_with_checkpoints_and_head_removed_is_detected(log_path, k
         "audit.head is missing: the end of the log is not signed, so records cut from the tail could not be noticed"]
 
 
+def test_violation_appended_after_the_last_signature_is_detected(log_path, key):
+    write_log(log_path, key, n=3)
+    recs = records(log_path)
+    recs.append(dict(recs[0], event="policy.denied", device="COM9:", detail={"framed": True}))
+    put_lines(log_path, rechain(recs))
+    assert verify(log_path, key).problems == [
+        "line 5: seq 5: policy.denied is covered by no signature although violations are signed as soon as "
+        "they are written: it was appended afterwards (or the Device Manager died in that instant)"]
+
+
+def test_ordinary_record_appended_after_the_last_signature_is_only_a_note(log_path, key):
+    # Indistinguishable from the second before a crash: reported, not failed (see policy.audit).
+    write_log(log_path, key, n=3)
+    recs = records(log_path)
+    recs.append(dict(recs[0], event="host.started"))
+    put_lines(log_path, rechain(recs))
+    report = verify(log_path, key)
+    assert report.ok and report.signed_seq == 4
+    assert report.notes == ["seq 5..5 (1 record) were written after the last signature (a crash before the "
+                            "next fsync); whole lines cut from there would not be noticed"]
+
+
 def test_forged_head_is_detected(log_path, key):
     write_log(log_path, key, n=3)
     head_file = log_path.with_suffix(".head")
@@ -488,9 +510,10 @@ def test_forged_head_is_detected(log_path, key):
 
 def test_unsigned_log_does_not_verify(log_path, key):
     write_log(log_path, None, n=3)
-    problems = verify(log_path, key).problems
-    assert problems == ["audit.head is not signed: the log was written without a signing key, so "
-                        "re-chaining and truncation cannot be ruled out"]
+    report = verify(log_path, key)
+    assert report.problems == ["audit.head is not signed: the log was written without a signing key, so "
+                               "re-chaining and truncation cannot be ruled out"]
+    assert report.signed_seq == 0 and report.checkpoints == 0
 
 
 def test_verify_without_keys_is_not_ok(log_path, key):
