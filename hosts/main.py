@@ -41,6 +41,11 @@ from hosts.wire import MAX_FRAME, Frame, Op, ProtocolError, decode
 MAX_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
 _HOST_SENT_OPS = frozenset({Op.READY, Op.REPLY, Op.KCALL, Op.LOG})
+# Stack of each thread started in the host (workers, and threads drivers start): glibc's default
+# is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
+# use up the limit; 1 MiB is ample for Python, whose calls between Python functions do not
+# recurse on the C stack.
+THREAD_STACK = 1 << 20
 
 
 def _fds_of(ancillary: list) -> list[int]:
@@ -306,6 +311,7 @@ def run(fds: list[int], arg: dict) -> int:
     """Serve the Reflector on ``fds[0]`` (SOCK_SEQPACKET) with the arena ``fds[1]`` of
     ``arg["arena_size"]`` bytes; return a ``HostExit`` status."""
     sys.dont_write_bytecode = True  # the driver's directory is read-only, and caches are not trusted
+    threading.stack_size(THREAD_STACK)
     try:
         channel_fd, arena_fd = fds
         arena_size = arg["arena_size"]
