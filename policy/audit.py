@@ -46,9 +46,11 @@ What this cannot detect -- say it plainly
 * **Rolling back**: replacing ``audit.head`` with an older copy of itself and cutting the log to
   match it leaves a log that verifies, minus its newest records.  Only a copy of the head kept
   elsewhere (a remote log, a TPM counter) can catch that.
-* **The unsigned tail**: records written after the last fsync (at most about a second's worth,
-  never a violation, which is fsync'd at once) are covered by no signature yet; whole lines of
-  them can be cut without a trace.  ``verify`` reports how many records that is.
+* **The unsigned tail**: records written after the last fsync (at most about a second's worth)
+  are covered by no signature yet; whole lines of them can be cut, or ordinary records added,
+  without a trace.  ``verify`` reports how many records that is.  Violations are signed before
+  ``record`` returns, so an unsigned violation *is* reported as a problem -- which also means
+  a crash in the microseconds between its write and its fsync is reported like tampering.
 * **Deleting both files** leaves nothing to compare with.
 * Times come from the Device Manager's clock and are recorded, not checked.
 
