@@ -715,7 +715,9 @@ class _Parser:
     def check_encoding(self, src: _Source, n: int, text: str) -> None:
         encoding = src.encodings.get(n)
         if encoding and not text.isascii():
-            self.note(src, (n, 1), f"line is not UTF-8; read as {encoding}",
+            line = src.lines[n - 1]
+            column = next(i for i, c in enumerate(line) if not c.isascii()) + 1
+            self.note(src, (n, column), f"line is not UTF-8; read as {encoding}",
                       "save the file as UTF-8 so that names and strings read as intended")
 
     def value_line(self, src: _Source, n: int, lines: _Lookahead) -> None:

@@ -1,11 +1,12 @@
 r"""The .reg parser: one test per syntax feature and per error, both the tolerant and the strict side."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from policy.hive import Hive, Location, Value
-from policy.regfile import Diagnostic, RegistryError, parse_files, parse_text
+from policy.regfile import Diagnostic, RegistryError, format_hive, parse_files, parse_text
 
 SERIAL = r"HKLM\Drivers\BuiltIn\Serial"
 
@@ -70,7 +71,7 @@ def test_gbk_in_a_string_is_read_and_reported():
     r = parse(raw)
     assert val(r, "FriendlyName") == "串口"
     assert msgs(r) == ["line is not UTF-8; read as gbk"]
-    assert r.diagnostics[0].location == Location("t.reg", 2, 1)
+    assert r.diagnostics[0].location == Location("t.reg", 2, 17)
     # A decoding note is not a syntax problem: strict mode reads the file too.
     assert val(parse(raw, strict=True), "FriendlyName") == "串口"
 
@@ -737,3 +738,96 @@ def test_unreadable_file_is_an_error_even_when_tolerant(tmp_path):
 def test_diagnostic_is_a_value_object():
     d = Diagnostic(Location("a.reg", 1, 2), "m")
     assert d.severity == "warning" and str(d) == "a.reg:1:2: warning: m"
+
+
+# ----------------------------------------------------------------------------- a whole BSP file
+
+BSP = Path(__file__).resolve().parent.parent / "data" / "reg"
+BSP_DEFINES = {"_TARGETPLATROOT": str(BSP), "LOCALE": "0804", "BSP_SERIAL2": "1", "BSP_USB_EHCI": "1"}
+
+
+def test_bsp_fixture_is_what_real_files_look_like():
+    raw = (BSP / "platform.reg").read_bytes()
+    assert raw.count(b"\r\n") > 300 and raw.endswith(b"\x1a") and not raw.endswith(b"\r\n\x1a")
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")
+
+
+def test_bsp_fixture_parses_with_the_expected_diagnostics():
+    r = parse_files([BSP / "platform.reg"], defines=BSP_DEFINES)
+    f = str(BSP / "platform.reg")
+    assert [(d.location.line, d.location.column, d.message) for d in r.diagnostics] == [
+        (97, 18, "line is not UTF-8; read as gbk"),
+        (124, 19, "dword data 'Change Me' is not hexadecimal"),
+        (140, 24, "undefined macro $(PROCGROUP_GPIO)"),
+        (148, 1, "unexpected 'Default=dword:0': expected a [KEY], a value or a comment"),
+        (202, 1, "stray line '-----': expected a [KEY], a value or a comment"),
+        (323, 11, "undefined macro $(_PUBLICROOT)"),
+        (328, 29, "undefined macro $(BSP_KITL_PORT) in condition "
+                  "'#if ! defined BSP_NOKITL && $(BSP_KITL_PORT)==2'; treated as false"),
+    ]
+    assert {d.location.file for d in r.diagnostics} == {f}
+    h = r.hive
+    builtin = h.key(r"HKLM\Drivers\BuiltIn")
+    with_dll = sorted(k.name for k in h.keys()
+                      if k.path.casefold().startswith(builtin.path.casefold()) and k.get("Dll"))
+    assert with_dll == ["Audio", "Display", "GPIO", "I2C1", "SDHC", "Serial1", "Serial2", "USBH", "UsbFn"]
+    serial = h.key(r"HKLM\Drivers\BuiltIn\Serial1")
+    assert serial.get("FriendlyName").data == "串口 1"
+    assert serial.get("Order").data == 0x10 and serial.get("Flags").data == 0x10
+    assert serial.get("Tsp").data == "unimodem.dll" and serial.get("Obsolete") is None     # from the include
+    assert serial.get("IClass").data == ("{CC5195AC-BA49-48a0-BE17-DF6D1B0173DD}=%b",
+                                         "{A32942B7-920C-486b-B0E6-92A702A99B35}")
+    assert serial.get("IoctlAllow").data == ("0x001B0004-0x001B0090", "0x00220004")
+    assert serial.get("RxBufferSize").data == 0x800
+    assert serial.get("Irq").data == 4
+    assert serial.get("DevConfig").data == h.key(r"HKLM\Drivers\BuiltIn\Serial1\Unimodem").get("DevConfig").data
+    assert len(serial.get("DevConfig").data) == 25
+    assert h.key(r"HKLM\Drivers\BuiltIn\Serial2").get("BaudRate") is None
+    gpio = h.key(r"HKLM\Drivers\BuiltIn\GPIO")
+    assert gpio.get("MemBase").data == ("48004000", "48006000")
+    assert gpio.get("UserProcGroup") is None and gpio.get("Legacy") is None
+    assert h.key(r"HKLM\Drivers\BuiltIn\Obsolete") is None
+    assert h.key(r"HKLM\Drivers\BuiltIn\SDHC\Slot1").get("CardDetectGpio").data == 0x3B
+    assert h.key(r"HKLM\Drivers\BuiltIn\I2C1\Devices\Codec").get("Address").data == 0x1A
+    assert h.key(r"HKLM\Drivers\ProcGroup_0003").get("ProcTimeout").data == 180000
+    assert h.key(r"HKLM\System\StorageManager\Profiles\SDMemory\FATFS").get("Flags").data == 0x14
+    assert h.key(r"HKLM\nls").get("DefaultLCID").data == 0x804
+    assert h.key(r"HKLM\Platform").get("Name").data == "DRVBOX EVM"
+    assert h.key(r"HKLM\System\GDI\Drivers").get("DisplayCandidates").data == ("LCD",)
+    assert h.key(r"HKLM\Drivers\Display\LCD").get("PixelClock").data == 100_000_000
+    assert h.key(r"HKLM\Drivers\USB\FunctionDrivers").get("DefaultClientDriver") is None
+    assert h.key(r"HKLM\System\CurrentControlSet\Control\Power\ActivityTimers\UserActivity").get(
+        "WakeSources").data == ("{A32942B7-920C-486b-B0E6-92A702A99B35}\\$devices\\SYS1:",)
+
+
+def test_bsp_fixture_with_other_defines():
+    defines = {**BSP_DEFINES, "LOCALE": "0409", "BSP_UART1_ALT_IRQ": "1", "BSP_NOUSB": "1", "BSP_NOAUDIO": "",
+               "PROCGROUP_GPIO": "2", "BSP_KITL_PORT": "2", "_PUBLICROOT": str(BSP), "BSP_USBFN_SERIAL": "1"}
+    del defines["BSP_SERIAL2"]
+    r = parse_files([BSP / "platform.reg"], defines=defines)
+    assert [d.location.line for d in r.diagnostics] == [97, 148, 202, 323]
+    assert r.diagnostics[-1].message.startswith("include file not found: ")
+    h = r.hive
+    assert h.key(r"HKLM\nls").get("DefaultLCID").data == 0x409
+    assert h.key(r"HKLM\Drivers\BuiltIn\Serial1").get("Irq").data == 5
+    assert h.key(r"HKLM\Drivers\BuiltIn\GPIO").get("UserProcGroup").data == 2
+    assert h.key(r"HKLM\Drivers\BuiltIn\USBH") is None and h.key(r"HKLM\Drivers\BuiltIn\UsbFn") is None
+    assert h.key(r"HKLM\Drivers\BuiltIn\Audio") is None          # #ifndef BSP_NOAUDIO: defined, even empty
+    assert h.key(r"HKLM\Drivers\BuiltIn\Serial2").values() == [Value("Flags", "dword", 4)]
+
+
+def test_bsp_fixture_strict_stops_at_the_first_problem():
+    with pytest.raises(RegistryError) as err:
+        parse_files([BSP / "platform.reg"], defines=BSP_DEFINES, strict=True)
+    assert str(err.value).splitlines() == [
+        f"{BSP / 'platform.reg'}:124:19: dword data 'Change Me' is not hexadecimal",
+        '\t"BaudRate"=dword:Change Me',
+        "\t                 ^",
+        "hint: a dword is up to 8 hex digits without 0x, e.g. dword:1C200",
+    ]
+
+
+def test_bsp_fixture_round_trips_through_the_printer():
+    h = parse_files([BSP / "platform.reg"], defines=BSP_DEFINES).hive
+    assert parse_text(format_hive(h), "printed.reg", strict=True).hive == h
