@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ from hosts.wire import MAX_FRAME, KernelOp, Op, decode, encode
 DRIVERS = Path(__file__).resolve().parent.parent / "drivers"
 ARENA_SIZE = 1 << 16
 GUARD = 60  # seconds: only against a hang, never a measurement
+
+
+def eventually(predicate):
+    """Poll until ``predicate()`` holds; the guard only turns a hang into a failure."""
+    deadline = time.monotonic() + GUARD
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.001)
 
 
 def _ints(*values):
@@ -202,8 +211,7 @@ def test_slow_driver_does_not_hold_up_another(host):
     _, fast = host.call(Op.OPEN, 2, 0, 0)
     blocked = host.send(Op.READ, 1, slow, 8192, 16)
     # Wait until the slow read is really inside the driver (asked through another worker).
-    while host.ioctl(1, slow, 0x80003004, out_len=1, out_off=100) != (0, b"\x01"):
-        pass
+    eventually(lambda: host.ioctl(1, slow, 0x80003004, out_len=1, out_off=100) == (0, b"\x01"))
     for i in range(5):
         assert host.ioctl(2, fast, 0x80002000, b"fast%d" % i) == (0, b"fast%d" % i)
     assert blocked not in host.replies  # still held by the slow driver
@@ -478,3 +486,19 @@ def test_kernel_calls_from_two_drivers_are_routed_to_each(host):
     assert host.ioctl(1, h1, 0x80004000, _ints(1)) == (0, b"101")
     assert host.ioctl(2, h2, 0x80004000, _ints(1)) == (0, b"102")
     assert calls == [1, 2]
+
+
+def test_threads_are_a_fixed_pool_per_driver_not_one_per_request(host):
+    def threads():
+        return len(os.listdir(f"/proc/{host.proc.pid}/task"))
+    assert threads() == 1  # the reader, before any LOAD
+    assert host.load(1, "echo.py", threads=3) == (0, 0)
+    assert host.load(2, "echo.py", threads=2) == (0, 0)
+    assert threads() == 1 + 3 + 2
+    _, h = host.call(Op.OPEN, 1, 0, 0)
+    pending = [host.send(Op.IOCTL, 1, h, 0x80002000, 0, 4, 4096, 4) for _ in range(50)]
+    for req_id in pending:
+        assert host.reply(req_id) == (0, 4)
+    assert threads() == 1 + 3 + 2
+    assert host.call(Op.UNLOAD, 2) == (0, 0)
+    eventually(lambda: threads() == 1 + 3)  # the unloaded driver's workers end after its UNLOAD
