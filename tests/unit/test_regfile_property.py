@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policy.hive import Hive, Value, split_path
-from policy.regfile import parse_text
+from policy.regfile import RegistryError, parse_text
 from policy.regprint import format_hive
 
 # Names with spaces, quotes, backslashes, semicolons, brackets and non-ASCII letters; anything the
@@ -79,3 +79,33 @@ def test_format_is_stable_and_digests_survive(h):
 def test_crlf_and_ctrl_z_do_not_change_the_hive(h):
     raw = format_hive(h).replace("\n", "\r\n").encode("utf-8") + b"\x1a"
     assert parse_text(raw, "dos.reg", strict=True).hive == h
+
+
+# Fragments real files are made of, glued at random: the tolerant parser must report, never crash.
+_FRAGMENTS = st.sampled_from([
+    "[HKLM\\A]", "[-HKLM\\A]", "[HKLM\\A\\B", "[$(X)\\A]", '"N"=', "@=", '"a\\"b"', '"', "dword:", "FF", "$(X)",
+    "$(", "hex:", "hex(7):", "hex(2):", "00,", "0,", ",", "\\", "multi_sz:", "mui_sz:", '"s",', ";", "//", "-",
+    "IF X", "IF X !", "ELSE", "ENDIF", "ENDIF X", "#if", "#ifdef X", "#elif", "#else", "#endif", "#define X 1",
+    "#define Y $(Y)", "#undef X", '#include "nowhere.reg"', "defined", "(", ")", "&&", "||", "==", "!", " ", "\t",
+    "\n", "\r\n", "\x1a", "\xff", "中", "=",
+])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_FRAGMENTS, max_size=40).map("".join), st.booleans())
+def test_tolerant_parser_never_crashes_on_fragments(text, as_bytes):
+    data = text.encode("utf-8", errors="surrogateescape") if as_bytes else text
+    result = parse_text(data, "fuzz.reg")
+    for d in result.diagnostics:
+        assert d.location.file == "fuzz.reg" and d.location.line >= 1 and str(d)
+    try:
+        parse_text(data, "fuzz.reg", strict=True)
+    except RegistryError as e:        # strict refuses with our error and nothing else
+        assert e.location.file == "fuzz.reg" and e.location.line >= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_tolerant_parser_never_crashes_on_bytes(data):
+    parse_text(data, "fuzz.reg")
+    parse_text(b'[HKLM\\A]\n"v"=' + data, "fuzz.reg")
