@@ -124,6 +124,11 @@ def _canonical(value: Value) -> list:
     return [value.name.casefold(), value.type, d]
 
 
+def _show(s: str) -> str:
+    """A name or path for a message: in quotes, backslashes as written; repr() only if it needs escapes."""
+    return repr(s) if _CONTROL.search(s) or "'" in s else f"'{s}'"
+
+
 def split_path(path: str) -> list[str]:
     """Split a key path into its root's long name and the components below it.
 
@@ -137,7 +142,7 @@ def split_path(path: str) -> list[str]:
         parts.pop()
     root = _ROOTS_FOLDED.get(parts[0].casefold())
     if root is None:
-        raise ValueError(f"key path {path!r} does not start with a root key: expected one of "
+        raise ValueError(f"key path {_show(path)} does not start with a root key: expected one of "
                          "HKEY_LOCAL_MACHINE (HKLM), HKEY_CURRENT_USER (HKCU), HKEY_CLASSES_ROOT (HKCR), "
                          "HKEY_USERS (HKU), HKEY_CURRENT_CONFIG (HKCC)")
     for p in parts[1:]:
@@ -147,16 +152,16 @@ def split_path(path: str) -> list[str]:
 
 def _check_key_name(name: str, path: str) -> None:
     if name == "":
-        raise ValueError(f"key path {path!r} has an empty component (two backslashes in a row?)")
-    _check_string(f"key name in {path!r}", name)
+        raise ValueError(f"key path {_show(path)} has an empty component (two backslashes in a row?)")
+    _check_string(f"key name in {_show(path)}", name)
     if _CONTROL.search(name):
-        raise ValueError(f"key name {name!r} in {path!r} contains a control character")
+        raise ValueError(f"key name {_show(name)} in {_show(path)} contains a control character")
     if name != name.strip(" \t"):
-        raise ValueError(f"key name {name!r} in {path!r} has leading or trailing blanks")
+        raise ValueError(f"key name {_show(name)} in {_show(path)} has leading or trailing blanks")
     if "$(" in name:
-        raise ValueError(f"key name {name!r} in {path!r} contains '$(', which a .reg file would expand")
+        raise ValueError(f"key name {_show(name)} in {_show(path)} contains '$(', which a .reg file would expand")
     if _KEY_END_LOOKALIKE.search(name):
-        raise ValueError(f"key name {name!r} in {path!r} contains ']' then ';', which reads as the end of the key")
+        raise ValueError(f"key name {_show(name)} in {_show(path)} contains ']' then ';', which reads as the end of the key")
 
 
 class Key:
@@ -228,6 +233,7 @@ class Hive:
         return key
 
     def key(self, path: str) -> Key | None:
+        """The key at ``path`` or None; a malformed path (unknown root, empty component) raises ValueError."""
         return self._walk(path, create=False)
 
     def ensure_key(self, path: str) -> Key:

@@ -636,7 +636,7 @@ class _Parser:
         found = _resolve_include(target, src.directory, self.include_dirs)
         if found is None:
             searched = [str(d) for d in ([src.directory] if src.directory else []) + self.include_dirs]
-            raise _Problem(where, f"include file not found: {target!r} (searched {', '.join(searched) or 'nothing'})",
+            raise _Problem(where, f"include file not found: '{target}' (searched {', '.join(searched) or 'nothing'})",
                            "pass the folder with include_dirs, or define the macro in its path with -D")
         found = found.resolve()
         if str(found) in self.including or len(self.including) >= MAX_INCLUDE_DEPTH:
