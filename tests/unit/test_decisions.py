@@ -219,3 +219,29 @@ def test_open_unknown_name_matches_nobody_and_empty_lists_admit_nobody():
 def test_open_malformed_credentials_denied():
     assert not allowed(may_open(P, -1, [], owner_uid=0))
     assert not allowed(may_open(P, 1, None, owner_uid=0))
+
+
+# --- properties: the answer agrees with a brute-force model ----------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+def _model_inside(windows, start, length, access):
+    return any(w.base <= start and start + length <= w.base + w.length and (access == "r" or w.access == "rw")
+               for w in windows)
+
+
+@given(st.integers(MEM0 - 0x20, MEM1 + 0x120), st.integers(1, 0x2200), st.sampled_from(["r", "rw"]))
+def test_map_agrees_with_model(phys, length, access):
+    assert bool(may_map(P, phys, length, access)) == _model_inside(P.memory_windows, phys, length, access)
+
+
+@given(st.integers(PORT0 - 8, PORT1 + 8), st.sampled_from([1, 2, 4]), st.sampled_from(["r", "w", "rw"]))
+def test_port_agrees_with_model(port, width, access):
+    want = _model_inside(P.port_windows, port, width, "r" if access == "r" else "rw")
+    assert bool(may_port(P, port, width, access)) == want
+
+
+@given(st.integers(0, 0xFFFFFFFF))
+def test_ioctl_agrees_with_model(code):
+    assert bool(may_ioctl(P, code, 0, 0)) == any(lo <= code <= hi for lo, hi in P.ioctl_ranges)

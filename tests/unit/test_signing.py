@@ -241,3 +241,26 @@ def test_trust_store_refuses_non_key_file(tmp_path):
     (tmp_path / "junk.pub").write_text("hello")
     with pytest.raises(KeyFileError, match=r"junk\.pub: not a PEM public key"):
         TrustStore.load(tmp_path)
+
+
+# --- property: any JSON document (no floats) survives sign -> verify unchanged ---------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 64) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+_PROP_KEY = Ed25519PrivateKey.generate()
+_PROP_TRUST = TrustStore({key_id(_PROP_KEY): _PROP_KEY.public_key()})
+
+
+@settings(max_examples=60)
+@given(st.dictionaries(st.text(max_size=8), _json, max_size=5))
+def test_sign_verify_roundtrip_property(doc):
+    try:
+        canonical_json(doc)
+    except PolicyError:            # lone surrogates cannot be UTF-8
+        return
+    assert verify_envelope(sign(doc, _PROP_KEY), _PROP_TRUST) == doc
