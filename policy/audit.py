@@ -33,7 +33,9 @@ violations.  On open, the last line is read back and its hash checked, and the c
 from its seq.  A torn last line (a crash of the machine mid-write) is not hidden: the log ends
 it with a newline and writes an ``audit.recovered`` record with the length and SHA-256 of the
 torn bytes, chained to the last whole record; ``verify`` accepts a broken line only when the
-record right after it acknowledges exactly those bytes.  A last line that is whole but does not
+record right after it acknowledges exactly those bytes.  (If the torn bytes are a whole record
+that chains on and only its newline was lost, the record is kept, and the ``audit.recovered``
+after it says so, naming its seq, hash and bytes.)  A last line that is whole but does not
 check, or a log shorter than its head, is tampering, not a crash: opening raises ``AuditError``
 and the log is not written to until a person has moved it aside.
 
@@ -68,7 +70,7 @@ import stat
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -120,7 +122,8 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
     "host.restarted": "a host was started again after a crash or timeout",
     "driver.quarantined": "a driver crashed more than RestartLimit times in RestartWindow and is not restarted",
     CHECKPOINT_EVENT: "written by the log: an Ed25519 signature over the seq and hash of the record before it",
-    RECOVERED_EVENT: "written by the log: the line before this one was torn by a crash (detail: its length and SHA-256)",
+    RECOVERED_EVENT: "written by the log: the line before this one was torn by a crash, or lost only its "
+                     "newline (detail: its length and SHA-256)",
 }
 KNOWN_EVENTS: frozenset[str] = frozenset(EVENT_DESCRIPTIONS)
 
@@ -168,7 +171,7 @@ class AuditLog:
             self._check_head()
             self._synced_seq = self._seq
             if torn is not None:
-                self._append_recovery(*torn)
+                self._append_recovery(torn)
                 self.sync()
         except BaseException:
             os.close(self._fd)
@@ -291,46 +294,56 @@ class AuditLog:
 
     def _recover_locked(self) -> bool:
         """After a write that was cut short: end the torn line and say so (caller holds the lock)."""
-        _, _, torn = self._read_tail()
+        seq, digest, torn = self._read_tail()
         self._torn_write = False
-        if torn is not None:
-            self._append_recovery(*torn)
-        return torn is not None
+        if torn is None:
+            return False
+        self._seq, self._hash = seq, digest        # a record whose newline alone was lost counts
+        self._append_recovery(torn)
+        return True
 
-    def _append_recovery(self, offset: int, length: int, digest: str) -> None:
+    def _append_recovery(self, torn: "_Torn") -> None:
         # The newline that ends the torn line and the record that owns up to it go in one write,
         # so there is no moment where the torn bytes look like a whole line.
-        self._append(RECOVERED_EVENT, None, None, None, None,
-                     {"reason": "torn line: a write was cut short (crash or full disk)",
-                      "offset": offset, "bytes": length, "sha256": digest}, lead=b"\n")
+        detail: dict[str, Any] = {"offset": torn.offset, "bytes": torn.length, "sha256": torn.sha256}
+        if torn.restored:
+            detail.update(reason="newline restored: the line before is a whole record whose write "
+                                 "stopped short of its newline", restored=True, seq=self._seq, hash=self._hash)
+        else:
+            detail.update(reason="torn line: a write was cut short (crash or full disk)")
+        self._append(RECOVERED_EVENT, None, None, None, None, detail, lead=b"\n")
         log.warning("%s: torn line (%d bytes at offset %d) recovered as seq %d",
-                    self.path, length, offset, self._seq)
+                    self.path, torn.length, torn.offset, self._seq)
 
     # -- the state of the file on open ------------------------------------------------------------
 
-    def _read_tail(self) -> tuple[int, str, tuple[int, int, str] | None]:
-        """(seq, hash) of the last whole line, checked, and (offset, length, sha256) of a torn tail."""
+    def _read_tail(self) -> tuple[int, str, "_Torn | None"]:
+        """(seq, hash) the chain goes on from, checked, and what follows the last newline, if anything."""
         size = os.fstat(self._fd).st_size
         if size == 0:
             return 0, GENESIS_PREV, None
         rfd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             last_nl = _rfind_newline(rfd, size)
-            torn = None
-            if last_nl != size - 1:
-                start = last_nl + 1
-                torn = (start, size - start, _sha256_range(rfd, start, size))
-            if last_nl < 0:
-                return 0, GENESIS_PREV, torn
-            line_start = _rfind_newline(rfd, last_nl) + 1
-            if last_nl - line_start > MAX_RECORD_BYTES:
-                raise AuditError(f"last whole line is {last_nl - line_start} bytes, longer than any record "
-                                 f"({MAX_RECORD_BYTES}): not written by drvbox; {_MOVE_ASIDE}", path=self.path)
-            line = os.pread(rfd, last_nl - line_start, line_start)
+            seq, digest = 0, GENESIS_PREV
+            if last_nl >= 0:
+                line_start = _rfind_newline(rfd, last_nl) + 1
+                if last_nl - line_start > MAX_RECORD_BYTES:
+                    raise AuditError(f"last whole line is {last_nl - line_start} bytes, longer than any record "
+                                     f"({MAX_RECORD_BYTES}): not written by drvbox; {_MOVE_ASIDE}", path=self.path)
+                seq, digest = _check_last_line(self.path, os.pread(rfd, last_nl - line_start, line_start))
+            if last_nl == size - 1:
+                return seq, digest, None
+            start = last_nl + 1
+            torn = _Torn(start, size - start, _sha256_range(rfd, start, size), restored=False)
+            if torn.length <= MAX_RECORD_BYTES:
+                # All of a record but its newline: keep the record (the event happened) and say so.
+                follower = _next_record(os.pread(rfd, torn.length, start), seq, digest)
+                if follower is not None:
+                    return (*follower, torn._replace(restored=True))
+            return seq, digest, torn
         finally:
             os.close(rfd)
-        seq, digest = _check_last_line(self.path, line)
-        return seq, digest, torn
 
     def _check_head(self) -> None:
         # The head is written only after the log's fsync, so it can never be ahead of the log
@@ -431,6 +444,25 @@ def _check_last_line(path: Path, line: bytes) -> tuple[int, str]:
         seq = rec.get("seq") if isinstance(rec, dict) and is_int(rec.get("seq")) else None
         raise AuditError(f"last record does not check: {reason}; {_MOVE_ASIDE}", seq=seq, path=path)
     return rec["seq"], rec["hash"]
+
+
+class _Torn(NamedTuple):
+    offset: int          # where the bytes after the last newline start
+    length: int
+    sha256: str
+    restored: bool       # they are a whole record that chains on; only the newline was lost
+
+
+def _next_record(raw: bytes, seq: int, digest: str) -> tuple[int, str] | None:
+    """(seq, hash) of ``raw`` if it is the whole, untouched record that follows (seq, digest)."""
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    if (check_shape(rec) is None and canonical(rec) == raw and record_hash(rec) == rec["hash"]
+            and rec["seq"] == seq + 1 and rec["prev"] == digest):
+        return rec["seq"], rec["hash"]
+    return None
 
 
 def _rfind_newline(fd: int, end: int) -> int:

@@ -74,6 +74,7 @@ class _Walk:
         self.hashes: dict[int, str] = {}       # only the seqs the head may ask about
         self.urgent: list[tuple[int, int, str]] = []   # (line, seq, event) of violations seen
         self.broken: tuple[int, bytes, str] | None = None   # a line that is not a record, awaiting acknowledgement
+        self.prev_body = b""                   # the bytes of the previous record's line
 
     def problem(self, line: int | None, text: str) -> None:
         where = f"line {line}: " if line is not None else ""
@@ -118,7 +119,7 @@ class _Walk:
 
         if rec["event"] == CHECKPOINT_EVENT:
             self._checkpoint(number, rec)
-        elif rec["event"] == RECOVERED_EVENT and not acknowledged:
+        elif rec["event"] == RECOVERED_EVENT and not acknowledged and not self._restored(number, rec):
             self.problem(number, where + "audit.recovered names a torn line that is not right before it "
                                          "(the torn bytes were removed or changed)")
 
@@ -128,6 +129,7 @@ class _Walk:
         self.expected_seq = seq + 1
         self.prev_hash = rec["hash"]
         self.prev_where = f"line {number} (seq {seq})"
+        self.prev_body = body
         self.last_seq, self.last_line = seq, number
         if want_hash_of == seq:
             self.hashes[seq] = rec["hash"]
@@ -152,6 +154,19 @@ class _Walk:
                               f"audit.recovered record on line {number + 1}")
             return True
         self.problem(number, reason)
+        return False
+
+    def _restored(self, number: int, rec: dict) -> bool:
+        # The other kind of recovery: the line before is a whole record that had lost only its
+        # newline; the log kept it, and says exactly which record and which bytes.
+        detail = rec["detail"]
+        if (detail.get("restored") is True and detail.get("seq") == rec["seq"] - 1
+                and detail.get("hash") == rec["prev"] == self.prev_hash
+                and detail.get("bytes") == len(self.prev_body)
+                and detail.get("sha256") == hashlib.sha256(self.prev_body).hexdigest()):
+            self.notes.append(f"line {number - 1}: a record whose newline was lost in a crash, kept and "
+                              f"acknowledged by the audit.recovered record on line {number}")
+            return True
         return False
 
     def _checkpoint(self, number: int, rec: dict) -> None:

@@ -278,6 +278,38 @@ def test_torn_last_line_is_reported_then_recovered_by_a_record_that_says_so(log_
     assert report.notes[0].startswith(f"line 8: torn by a crash ({len(torn)} bytes), acknowledged")
 
 
+def test_record_that_lost_only_its_newline_is_kept_and_acknowledged(log_path, key, tmp_path):
+    crash_writer(log_path, key, tmp_path)
+    last = records(log_path)[-1]
+    whole = seal(dict(last, seq=last["seq"] + 1, prev=last["hash"], event="host.started"))
+    with open(log_path, "ab") as f:
+        f.write(whole[:-1])                      # everything but the newline reached the disk
+    assert verify(log_path, key).problems[0].startswith("line 8: no newline at the end")
+    with AuditLog(log_path, key) as audit:
+        assert audit.record("host.started")["seq"] == 10
+    recs = records(log_path)
+    assert recs[7]["seq"] == 8 and recs[8]["event"] == "audit.recovered"
+    assert recs[8]["detail"]["restored"] is True and recs[8]["detail"]["seq"] == 8
+    report = verify(log_path, key)
+    assert report.ok, report.problems
+    assert report.notes[0].startswith("line 8: a record whose newline was lost in a crash, kept")
+
+
+def test_restored_record_acknowledgement_cannot_cover_an_edit(log_path, key, tmp_path):
+    crash_writer(log_path, key, tmp_path)
+    last = records(log_path)[-1]
+    whole = seal(dict(last, seq=last["seq"] + 1, prev=last["hash"], event="host.started"))
+    with open(log_path, "ab") as f:
+        f.write(whole[:-1])
+    AuditLog(log_path, key).close()
+    data = lines(log_path)
+    edited = json.loads(data[7])
+    edited["event"] = "host.timeout"                 # change the kept record, re-seal it and rechain
+    put_lines(log_path, rechain([json.loads(x) for x in data[:7]] + [edited] + [json.loads(x) for x in data[8:]]))
+    problems = verify(log_path, key).problems
+    assert problems[0].startswith("line 9: seq 9: audit.recovered names a torn line that is not right before it")
+
+
 def test_whole_log_torn_before_first_newline_is_recovered(log_path, key):
     log_path.parent.mkdir(parents=True)
     log_path.write_bytes(b'{"detail":')
