@@ -79,6 +79,8 @@ def read_unverified(path: Path) -> object:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise Rejected("malformed", f"{path}: not JSON: {exc}") from None
+    except RecursionError:
+        raise Rejected("malformed", f"{path}: JSON nested too deeply") from None
 
 
 def claimed_key(unverified: object) -> str | None:

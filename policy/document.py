@@ -229,6 +229,16 @@ class Policy(metaclass=_NoPublicConstructor):
         set_("issued", parse_datetime(doc["issued"]))
         set_("expires", parse_datetime(doc["expires"]) if "expires" in doc else None)
 
+    def as_dict(self) -> dict:
+        """A plain, mutable deep copy of the document (for JSON output, audit records)."""
+        def thaw(obj):
+            if isinstance(obj, Mapping):
+                return {k: thaw(v) for k, v in obj.items()}
+            if isinstance(obj, tuple):
+                return [thaw(v) for v in obj]
+            return obj
+        return thaw(self.document)
+
     def __setattr__(self, name, value):
         raise AttributeError(f"a Policy is immutable (tried to set {name!r})")
 

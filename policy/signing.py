@@ -203,6 +203,8 @@ def decode_payload(unverified_envelope) -> tuple[bytes, dict]:
                          parse_float=_no_float, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise SignatureError("malformed", f"payload is not JSON as drvbox writes it: {exc}") from None
+    except RecursionError:
+        raise SignatureError("malformed", "payload is nested too deeply") from None
     if not isinstance(doc, dict):
         raise SignatureError("malformed", "payload is not a JSON object")
     if canonical_json(doc) != payload:

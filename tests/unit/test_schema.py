@@ -177,3 +177,11 @@ def test_schemas_are_valid_2020_12():
     import schemas
     for name in ("policy.schema.json", "signed-policy.schema.json"):
         Draft202012Validator.check_schema(schemas.load(name))
+
+
+def test_as_dict_round_trips_to_the_document():
+    p = Policy.trusted(EXAMPLE)
+    d = p.as_dict()
+    assert d == EXAMPLE and json.loads(json.dumps(d)) == EXAMPLE
+    d["serial"] = 0
+    assert p.serial == EXAMPLE["serial"]

@@ -264,3 +264,22 @@ def test_sign_verify_roundtrip_property(doc):
     except PolicyError:            # lone surrogates cannot be UTF-8
         return
     assert verify_envelope(sign(doc, _PROP_KEY), _PROP_TRUST) == doc
+
+
+def test_deeply_nested_payload_is_malformed_not_a_crash(keys):
+    _, trust = keys
+    deep = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    env = {"payload": base64.b64encode(deep).decode(), "signatures": []}
+    assert _reason(env, trust) == "malformed"
+
+
+def test_key_files_leave_no_open_descriptors_on_success_or_failure(tmp_path):
+    before = sorted(os.listdir("/proc/self/fd"))
+    key_path, _ = generate_key("k", tmp_path)
+    load_private_key(key_path)
+    with pytest.raises(KeyFileError):
+        generate_key("k", tmp_path)
+    os.chmod(key_path, 0o644)
+    with pytest.raises(KeyFileError):
+        load_private_key(key_path)
+    assert sorted(os.listdir("/proc/self/fd")) == before
