@@ -171,6 +171,38 @@ def test_open_and_close_leak_no_fd(log_path, key):
     assert fds() == before
 
 
+def test_log_fd_is_append_only_and_close_on_exec(log_path, key):
+    with AuditLog(log_path, key):
+        def target(fd: str) -> str:
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except FileNotFoundError:          # the fd listdir itself used
+                return ""
+        mine = [fd for fd in os.listdir("/proc/self/fd") if target(fd) == str(log_path)]
+        assert len(mine) == 1
+        flags = int(Path(f"/proc/self/fdinfo/{mine[0]}").read_text().split("flags:")[1].split()[0], 8)
+    assert flags & os.O_APPEND and flags & os.O_CLOEXEC and flags & os.O_ACCMODE == os.O_WRONLY
+
+
+def test_refused_open_of_a_tampered_log_leaks_no_fd(log_path, key):
+    write_log(log_path, key, n=3)
+    put_lines(log_path, lines(log_path)[:-1])
+    before = fds()
+    with pytest.raises(AuditError, match="truncation"):
+        AuditLog(log_path, key)
+    assert fds() == before
+
+
+def test_head_is_replaced_atomically_leaving_no_temporary(log_path, key):
+    write_log(log_path, key, n=3)
+    assert sorted(p.name for p in log_path.parent.iterdir()) == ["audit.head", "audit.log"]
+
+
+def test_checkpoint_every_must_be_positive(log_path, key):
+    with pytest.raises(ValueError, match="checkpoint_every must be at least 1, not 0"):
+        AuditLog(log_path, key, checkpoint_every=0)
+
+
 def test_violation_is_fsynced_and_signed_in_head_before_record_returns(log_path, key):
     with AuditLog(log_path, key) as audit:
         audit.record("host.started")
