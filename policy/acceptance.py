@@ -35,7 +35,7 @@ from policy.errors import ModuleNotFound, PolicyError, PolicyInvalid, SignatureE
 from policy.modules import module_digest, resolve_module
 from policy.signing import TrustStore, decode_payload, verify_envelope
 
-__all__ = ["Rejection", "Acceptance", "Rejected", "accept", "check_signed", "REASONS", "MAX_POLICY_FILE"]
+__all__ = ["Rejection", "Acceptance", "Rejected", "accept", "check_signed", "check_here", "REASONS", "MAX_POLICY_FILE"]
 
 REASONS = ("missing", "malformed", "unsigned", "unknown-key", "bad-signature", "schema-invalid", "expired",
            "mode-mismatch", "registry-mismatch", "module-mismatch", "rolled-back")
@@ -115,7 +115,7 @@ def check_signed(unverified: object, trust: TrustStore, now: datetime | None = N
     return doc
 
 
-def _check_here(doc: dict, hive, entry: DriverEntry, search_path: Sequence[Path]) -> None:
+def check_here(doc: dict, hive, entry: DriverEntry, search_path: Sequence[Path]) -> None:
     """Steps 5-7: the policy describes the driver as it is now."""
     drv = doc["driver"]
     if drv["mode"] != entry.mode:
@@ -243,7 +243,7 @@ def accept(hive, entries: Sequence[DriverEntry], policies_dir: Path, trust_dir: 
         for path, unverified in candidates:
             try:
                 doc = check_signed(unverified, trust, now)
-                _check_here(doc, hive, entry, search_path)
+                check_here(doc, hive, entry, search_path)
                 _check_serial(doc, seen)
             except Rejected as exc:
                 rank = _RANK[exc.reason]

@@ -87,6 +87,13 @@ def register(subparsers) -> None:
                                     "Device Manager also checks the registry and module hashes and the serial.)")
     v.add_argument("--trust", type=Path, required=True, metavar="DIR", help="directory of trusted *.pub keys")
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    v.add_argument("--registry", action="append", type=Path, default=[], metavar="REG",
+                   help="also check each policy against this registry (repeatable, in order): the driver key "
+                        "exists, its mode and hash match, and its module hashes as pinned")
+    v.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE",
+                   help="preprocessor names for --registry files")
+    v.add_argument("--driver-path", action="append", type=Path, default=[], metavar="DIR",
+                   help="where modules are looked up with --registry (default: the directories of the REG files)")
     v.set_defaults(func=cmd_verify)
 
     sh = psub.add_parser("show", help="print a policy, signed or not",
@@ -308,12 +315,25 @@ def cmd_sign(args) -> int:
     return status
 
 
+def _registry_entries(args):
+    """(hive, {casefolded key path: DriverEntry}, search path) for --registry, or None without it."""
+    from policy.drivers import find_drivers
+    from policy.regfile import parse_files
+    if not args.registry:
+        return None
+    parsed = parse_files(args.registry, defines=_defines(args.defines))
+    search = args.driver_path or list(dict.fromkeys(p.resolve().parent for p in args.registry))
+    return parsed.hive, {e.key_path.casefold(): e for e in find_drivers(parsed.hive)}, search
+
+
 def cmd_verify(args) -> int:
-    from policy.acceptance import Rejected, check_signed, read_unverified
+    from policy.acceptance import Rejected, check_here, check_signed, read_unverified
+    from policy.regfile import RegistryError
     from policy.signing import TrustStore, envelope_key_ids
     try:
         trust = TrustStore.load(args.trust)
-    except PolicyError as exc:
+        registry = _registry_entries(args)
+    except (PolicyError, RegistryError) as exc:
         return _err(str(exc))
     if not trust.keys:
         print(f"drvbox: warning: trust store {args.trust} holds no *.pub keys; nothing can verify", file=sys.stderr)
@@ -322,6 +342,13 @@ def cmd_verify(args) -> int:
         try:
             unverified = read_unverified(path)
             doc = check_signed(unverified, trust)
+            if registry is not None:
+                hive, entries, search = registry
+                entry = entries.get(doc["driver"]["key"].casefold())
+                if entry is None:
+                    raise Rejected("registry-mismatch", f"no driver key {doc['driver']['key']} in "
+                                   f"{', '.join(map(str, args.registry))}")
+                check_here(doc, hive, entry, search)
         except Rejected as exc:
             print(f"{path}: REJECTED ({exc.reason}): {exc.detail}")
             status = 1

@@ -179,3 +179,18 @@ def test_help_teaches(capsys):
 
 def test_policy_file_name():
     assert policy_file_name("HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\PCI\\Template\\E 100") == "BuiltIn.PCI.Template.E_100.json"
+
+
+def test_verify_against_registry_catches_changed_module(setup, capsys, tmp_path):
+    drivers = tmp_path / "drv"
+    shutil.copytree(DATA / "drivers", drivers)
+    rc, _, err = run(capsys, "policy", "derive", DATA / "platform.reg", "--driver-path", drivers, "-o", tmp_path / "p")
+    assert rc == 0, err
+    pol = tmp_path / "p" / "BuiltIn.Serial.json"
+    run(capsys, "policy", "sign", "--key", setup / "keys" / "rel.key", pol)
+    args = ("policy", "verify", "--trust", setup / "trust", "--registry", DATA / "platform.reg", "--driver-path", drivers, pol)
+    rc, out, _ = run(capsys, *args)
+    assert rc == 0, out
+    (drivers / "serial.py").write_text("# changed\n")
+    rc, out, _ = run(capsys, *args)
+    assert rc == 1 and "REJECTED (module-mismatch)" in out
