@@ -452,7 +452,12 @@ class _Parser:
                 raise _Problem(where, f"macro $({name}) expands into itself "
                                       f"(more than {MAX_MACRO_DEPTH} levels deep)")
             body = self.defines[name]
-            out = out + self.expand(_Text(body, [where] * len(body), where), depth + 1)
+            try:
+                out = out + self.expand(_Text(body, [where] * len(body), where), depth + 1)
+            except _Problem as p:
+                if not p.message.startswith("undefined macro") or "(in $(" in p.message:
+                    raise
+                raise _Problem(p.pos, f"{p.message} (in $({name}))", p.hint) from None
             last = m.end()
         out = out + t.sub(last)
         out.end = t.end
@@ -800,9 +805,13 @@ class _Parser:
             if wm:
                 raise _Problem(data.at(0), f"unknown value type '{wm.group(1)}:'",
                                "supported: dword:, hex:, hex(N):, multi_sz:, mui_sz:, or a quoted string")
+            if re.fullmatch(r"LOC_[A-Za-z0-9_]+", s):
+                # CE's build replaces LOC_ ids from a localisation (.str) file we do not have.
+                hint = f'{s} is a CE localisation id: write the string itself, e.g. "My Device"'
+            else:
+                hint = f'quote the string: "{s}"' if '"' not in s else ""
             raise _Problem(data.at(0), f"expected a quoted string, dword:, hex:, hex(N):, multi_sz: or -, "
-                                       f"found {s[:30]!r}",
-                           f'quote the string: "{s}"' if '"' not in s else "")
+                                       f"found {s[:30]!r}", hint)
         kind = m.group(1).lower()
         body = data.sub(m.end())
         if kind == "dword":

@@ -391,9 +391,11 @@ def test_value_before_any_key():
 
 
 def test_unquoted_data():
+    d = only_problem(f'[{SERIAL}]\n"Name"=PLATFORMNAME\n')
+    assert d.message == "expected a quoted string, dword:, hex:, hex(N):, multi_sz: or -, found 'PLATFORMNAME'"
+    assert d.hint == 'quote the string: "PLATFORMNAME"'
     d = only_problem(f'[{SERIAL}]\n"Name"=LOC_PLATFORMNAME\n')
-    assert d.message == "expected a quoted string, dword:, hex:, hex(N):, multi_sz: or -, found 'LOC_PLATFORMNAME'"
-    assert d.hint == 'quote the string: "LOC_PLATFORMNAME"'
+    assert d.hint == 'LOC_PLATFORMNAME is a CE localisation id: write the string itself, e.g. "My Device"'
 
 
 def test_unknown_type():
@@ -624,6 +626,12 @@ def test_undefined_macro_in_a_key_path_skips_the_key():
     r = parse('[$(ROOT)\\Serial]\n"Irq"=dword:1\n')
     assert msgs(r) == ["undefined macro $(ROOT) in the key path; its values are skipped"]
     assert list(r.hive.keys()) == []
+
+
+def test_undefined_macro_inside_another_names_both():
+    d = only_problem('#define DRIVERS_DIR $(_PUBLICROOT)\\common\\oak\\drivers\n#include "$(DRIVERS_DIR)\\x.reg"\n')
+    assert d.message == "undefined macro $(_PUBLICROOT) (in $(DRIVERS_DIR))"
+    assert d.location == Location("t.reg", 2, 11)
 
 
 def test_recursive_macro():
