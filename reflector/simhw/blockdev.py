@@ -194,18 +194,17 @@ class BlockDevice(DeviceModel):
 
     # -- registers ------------------------------------------------------------------------------
 
+    def _registers(self) -> list[int]:
+        return [
+            ID_VALUE, SECTOR_SIZE, self.sectors & _U32, self.sectors >> 32,
+            self._ring_base & _U32, self._ring_base >> 32, self._ring_size, self._control & CONTROL_ENABLE,
+            self._tail, self._head,
+            (STATUS_ENABLED if self._control & CONTROL_ENABLE else 0) | (STATUS_RING_ERROR if self._ring_error else 0),
+            self._int_status, self._int_enable, 0, self._last_error,
+        ]
+
     def _peek_reg(self, offset: int) -> int:
-        return {
-            REG_ID: ID_VALUE, REG_SECTOR_SIZE: SECTOR_SIZE,
-            REG_CAP_LO: self.sectors & _U32, REG_CAP_HI: self.sectors >> 32,
-            REG_RING_LO: self._ring_base & _U32, REG_RING_HI: self._ring_base >> 32,
-            REG_RING_SIZE: self._ring_size, REG_CONTROL: self._control & CONTROL_ENABLE,
-            REG_TAIL: self._tail, REG_HEAD: self._head,
-            REG_STATUS: (STATUS_ENABLED if self._control & CONTROL_ENABLE else 0)
-            | (STATUS_RING_ERROR if self._ring_error else 0),
-            REG_INT_STATUS: self._int_status, REG_INT_ENABLE: self._int_enable,
-            REG_LAST_ERROR: self._last_error,
-        }.get(offset, 0)
+        return self._registers()[offset // 4]          # the order above is the register map's
 
     def _read_reg(self, offset: int) -> int:
         return self._peek_reg(offset)

@@ -89,11 +89,12 @@ class GpioBank(DeviceModel):
         self._status |= (rising & self._rise) | (falling & self._fall)
         self._level = new
 
+    def _registers(self) -> list[int]:
+        # DIR, OUT, LEVEL, RISE_EN, FALL_EN, INT_STATUS, then INT_CLEAR, OUT_SET, OUT_CLEAR read 0.
+        return [self._dir, self._out, self._level, self._rise, self._fall, self._status, 0, 0, 0]
+
     def _peek_reg(self, offset: int) -> int:
-        return {
-            REG_DIR: self._dir, REG_OUT: self._out, REG_LEVEL: self._level,
-            REG_RISE_EN: self._rise, REG_FALL_EN: self._fall, REG_INT_STATUS: self._status,
-        }.get(offset, 0)
+        return self._registers()[offset // 4]
 
     def _read_reg(self, offset: int) -> int:
         return self._peek_reg(offset)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import threading
 from contextlib import contextmanager
 from typing import Callable, ClassVar, Iterator
@@ -68,7 +69,9 @@ class DeviceModel:
             self.page_fd = sealed_memfd(f"drvbox-regs-{config.name}", self.page_size)
             self._page = mmap.mmap(self.page_fd, self.page_size, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
-        self._published = bytes(self.page_size)
+        self._published = bytes(self.REG_SPAN)
+        self._tail_zeros = bytes(self.page_size - self.REG_SPAN) if self._page is not None else b""
+        self._image_format = "<" + {1: "B", 2: "H", 4: "I"}[self.REG_WIDTH] * (self.REG_SPAN // self.REG_WIDTH)
 
     # -- the hooks a model implements (called with the lock held) -------------------------------
 
@@ -163,40 +166,40 @@ class DeviceModel:
 
     _last_absorbed = 0
 
+    def _registers(self) -> list[int]:
+        """Every register's value as a read would see it now, from offset 0 (models may override
+        this with one pass over their state; it is on the path of every access)."""
+        return [self._peek_reg(off) for off in range(0, self.REG_SPAN, self.REG_WIDTH)]
+
     def _image(self) -> bytes:
-        w = self.REG_WIDTH
-        regs = b"".join(self._peek_reg(off).to_bytes(w, "little") for off in range(0, self.REG_SPAN, w))
-        return regs[:self.page_size]
+        return struct.pack(self._image_format, *self._registers())
 
     def _absorb(self) -> None:
         """Apply, in address order, each register whose page bytes differ from what we published."""
         self._last_absorbed = 0
         if self._page is None:
             return
-        current = self._page[:]
-        if current == self._published:
-            return
-        w, span = self.REG_WIDTH, min(self.REG_SPAN, self.page_size)
-        for off in range(0, span, w):
-            now = current[off:off + w]
-            if now != self._published[off:off + w]:
-                self._write_reg(off, int.from_bytes(now, "little"))
-                self._last_absorbed += 1
-        # Bytes beyond the register file decode to nothing; _publish puts back the zeros.
+        span, w = self.REG_SPAN, self.REG_WIDTH
+        current = self._page[:span]
+        if current != self._published:
+            for off in range(0, span, w):
+                now = current[off:off + w]
+                if now != self._published[off:off + w]:
+                    self._write_reg(off, int.from_bytes(now, "little"))
+                    self._last_absorbed += 1
+        # Bytes beyond the register file decode to nothing: put the zeros back.
+        if self._page[span:] != self._tail_zeros:
+            self._page[span:] = self._tail_zeros
 
     def _publish(self) -> None:
         """Make the page show the registers as a read would see them now; touch only what differs."""
         if self._page is None:
             return
         image = self._image()
-        image += bytes(self.page_size - len(image))
-        current = self._page[:]
+        current = self._page[:self.REG_SPAN]
         if current != image:
             w = self.REG_WIDTH
-            span = min(self.REG_SPAN, self.page_size)
-            for off in range(0, span, w):
+            for off in range(0, self.REG_SPAN, w):
                 if current[off:off + w] != image[off:off + w]:
                     self._page[off:off + w] = image[off:off + w]
-            if current[span:] != image[span:]:
-                self._page[span:] = image[span:]
         self._published = image
