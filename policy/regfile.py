@@ -695,7 +695,7 @@ class _Parser:
                     close = i
                     break
         if close < 0:
-            raise _Problem((n, len(line.rstrip()) + 1), "expected ']' to close the key name",
+            raise _Problem((n, len(line.rstrip()) + 1), "expected ']' to close the key name; its values are skipped",
                            "a key line looks like [HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\Serial]")
         body = _Text.of(line, n, start + 1, close)
         delete = body.s.startswith("-")

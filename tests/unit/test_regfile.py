@@ -141,9 +141,9 @@ def test_value_after_delete_key_is_reported_and_ignored():
 
 def test_unclosed_key_line():
     d = only_problem(r"[HKLM\Drivers\BuiltIn\Serial" + "\n")
-    assert d.message == "expected ']' to close the key name"
+    assert d.message == "expected ']' to close the key name; its values are skipped"
     assert d.location == Location("t.reg", 1, 29)
-    assert str(d) == ("t.reg:1:29: warning: expected ']' to close the key name\n"
+    assert str(d) == ("t.reg:1:29: warning: expected ']' to close the key name; its values are skipped\n"
                       "[HKLM\\Drivers\\BuiltIn\\Serial\n"
                       "                            ^\n"
                       "hint: a key line looks like [HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\Serial]")
