@@ -93,7 +93,8 @@ def _windows(key, warnings: list[str]) -> tuple[list[dict], list[dict]]:
     memory = []
     for i, b, n in _pairs(key, "MemBase", "MemLen", mem_bits):
         if b + n > 1 << mem_bits:
-            _err(key, "MemLen", f"window {i} 0x{b:X}+0x{n:X} wraps past the end of the {mem_bits}-bit address space")
+            _err(key, "MemLen", f"window {i} 0x{b:X}+0x{n:X} wraps past the end of the {mem_bits}-bit address space",
+                 "correct MemBase or shorten MemLen")
         memory.append({"base": b, "length": n, "access": "rw", "source": f"MemBase[{i}]/MemLen[{i}]"})
     ports = []
     for i, b, n in _pairs(key, "IoBase", "IoLen", 32):
@@ -104,7 +105,8 @@ def _windows(key, warnings: list[str]) -> tuple[list[dict], list[dict]]:
             ports.append({"base": b, "length": n, "access": "rw", "source": f"IoBase[{i}]/IoLen[{i}]"})
         else:
             if b + n > 1 << 32:
-                _err(key, "IoLen", f"window {i} 0x{b:X}+0x{n:X} wraps past the end of the 32-bit address space")
+                _err(key, "IoLen", f"window {i} 0x{b:X}+0x{n:X} wraps past the end of the 32-bit address space",
+                     "correct IoBase or shorten IoLen")
             warnings.append(f"{_where(key, 'IoBase')}: 0x{b:X} is beyond the port space 0..0xFFFF; granted as a "
                             "memory-mapped I/O window, as CE does on platforms without port I/O")
             memory.append({"base": b, "length": n, "access": "rw", "source": f"IoBase[{i}]/IoLen[{i}]"})
@@ -161,7 +163,7 @@ def _device_nodes(key) -> list[dict]:
             _err(key, "DeviceNodes", f"{item!r}: {path.strip()!r} is not a normalised absolute path",
                  "write the device's absolute path without '..', '.' or repeated slashes")
         if norm in seen:
-            _err(key, "DeviceNodes", f"{norm!r} is listed twice")
+            _err(key, "DeviceNodes", f"{norm!r} is listed twice", "list each device once, with the widest mode it needs")
         seen.add(norm)
         node = {"path": norm, "mode": mode}
         if ioctl_text.strip():
@@ -176,7 +178,8 @@ def _principals(key, name: str) -> list[str] | None:
         return None
     for item in items:
         if not _PRINCIPAL.match(item):
-            _err(key, name, f"{item!r} is not a user/group name or numeric id")
+            _err(key, name, f"{item!r} is not a user/group name or numeric id",
+                 "write names such as dialout or numeric ids such as 1000, one per multi_sz item")
     return list(dict.fromkeys(items))
 
 
@@ -220,10 +223,12 @@ def derive_one(hive, entry: DriverEntry, search_path: Sequence[Path], serial: in
     memory, ports = _windows(key, warnings)
     max_io = read_number(key, "MaxIoSize", DEFAULT_MAX_IO_SIZE)
     if max_io > MAX_MAX_IO_SIZE:
-        _err(key, "MaxIoSize", f"{max_io} bytes is above the limit of {MAX_MAX_IO_SIZE} (1 GiB)")
+        _err(key, "MaxIoSize", f"{max_io} bytes is above the limit of {MAX_MAX_IO_SIZE} (1 GiB)",
+             "give the largest buffer one request really needs")
     register_access = (read_string(key, "RegisterAccess") or "mapped").strip().lower()
     if register_access not in ("mapped", "mediated"):
-        _err(key, "RegisterAccess", f"{register_access!r} is neither mapped nor mediated")
+        _err(key, "RegisterAccess", f"{register_access!r} is neither mapped nor mediated",
+             '"RegisterAccess"="mediated" to check every register access, "mapped" to map the window')
     doc = {
         "schema": SCHEMA_ID,
         "serial": serial,

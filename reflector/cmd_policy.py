@@ -83,8 +83,9 @@ def register(subparsers) -> None:
 
     v = psub.add_parser("verify", help="check signed policies against a trust store",
                         description="Exit 0 only if every FILE is signed by a key in the trust store, is a valid "
-                                    "policy and has not expired; otherwise say exactly why each one fails.  (The "
-                                    "Device Manager also checks the registry and module hashes and the serial.)")
+                                    "policy and has not expired; otherwise say exactly why each one fails.  With "
+                                    "--registry, also check them against the registry and the modules, as the Device "
+                                    "Manager does (it also refuses serials lower than ones it accepted before).")
     v.add_argument("--trust", type=Path, required=True, metavar="DIR", help="directory of trusted *.pub keys")
     v.add_argument("files", nargs="+", type=Path, metavar="FILE")
     v.add_argument("--registry", action="append", type=Path, default=[], metavar="REG",
