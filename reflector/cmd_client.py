@@ -47,8 +47,12 @@ def _connect(args):
 
 def _fail(args, exc: OSError) -> int:
     where = getattr(args, "device", None)
-    print(f"drvbox {args.verb}: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+    print(f"drvbox {args.verb}{' ' + where if where else ''}: {exc.strerror or exc}", file=sys.stderr)
     return 1
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def ls(args) -> int:
@@ -62,7 +66,7 @@ def ls(args) -> int:
         return 0
     print(f"{'DEVICE':<8}{'MODE':<8}{'GROUP':<8}{'STATE':<13}{'RESTARTS':<10}DRIVER")
     for d in info["devices"]:
-        print(f"{d['name']:<8}{d['mode']:<8}{d['group']!s:<8}{d['state']:<13}{d['restarts']:<10}{d['driver']}")
+        print(f"{d['name']:<8}{d['mode']:<8}{_dash(d['group']):<8}{d['state']:<13}{d['restarts']:<10}{d['driver']}")
     if info["hosts"]:
         print()
         print(f"{'HOST':<8}{'PID':<9}{'STATE':<13}{'UPTIME':<10}{'PSS':<10}DEVICES")

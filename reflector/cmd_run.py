@@ -60,7 +60,7 @@ def run(args) -> int:
         server.start()
         described = dm.describe()
         for d in described["devices"]:
-            print(f"drvbox: {d['name']:<6} {d['mode']:<6} group {d['group']!s:<6} {d['state']:<11} {d['key']}",
+            print(f"drvbox: {d['name']:<6} {d['mode']:<6} group {'-' if d['group'] is None else d['group']!s:<6} {d['state']:<11} {d['key']}",
                   file=sys.stderr)
         print(f"drvbox: serving on {args.socket} (state in {args.state_dir}); Ctrl-C to stop", file=sys.stderr)
         stop.wait()

@@ -23,7 +23,7 @@ RUNNING, RESTARTING, QUARANTINED, REJECTED, STOPPED = "running", "restarting", "
 
 
 def _fail(code: int, message: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {message}")
+    return OSError(code, message)
 
 
 @dataclass(frozen=True)

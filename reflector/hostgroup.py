@@ -44,7 +44,7 @@ def _backoff(failures: int) -> float:
 
 
 def _fail(code: int, message: str) -> OSError:
-    return OSError(code, f"{os.strerror(code)}: {message}")
+    return OSError(code, message)
 
 
 def _registry_json(key) -> dict:
@@ -185,7 +185,7 @@ class HostGroup:
         except HostGone:
             raise _fail(errno.EIO, f"the host of {device.name} failed during {op.name}")
         if status:
-            raise OSError(status, f"{os.strerror(status)} (from the {device.name} driver)")
+            raise OSError(status, f"from the {device.name} driver")
         return value
 
     def request(self, device, op: Op, fields: tuple, *, max_value: int, ref: OpenRef | None = None,
