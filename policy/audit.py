@@ -127,6 +127,7 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
 }
 KNOWN_EVENTS: frozenset[str] = frozenset(EVENT_DESCRIPTIONS)
 
+_MAX_NAME = 1024               # device and driver names; with the detail bounded, a line stays bounded
 SYNC_INTERVAL = 1.0            # seconds: the longest a written record waits for its fsync
 _TAIL_CHUNK = 64 * 1024
 
@@ -190,7 +191,11 @@ class AuditLog:
 
     def record(self, event: str, *, device: str | None = None, driver: str | None = None,
                group: int | None = None, pid: int | None = None, detail: Mapping | None = None) -> dict:
-        """Append one record and return it (a copy).  Violations are fsync'd before returning."""
+        """Append one record and return it as written.  Violations are fsync'd and signed before returning.
+
+        Raises ``ValueError`` for arguments that cannot be a record (caught by tests, not at run
+        time), ``AuditError`` after ``close``, and ``OSError`` when the disk refuses the write.
+        """
         _check_args(event, device, driver, group, pid, detail)
         with self._lock:
             if self._closed:
@@ -279,7 +284,7 @@ class AuditLog:
         # One os.write of one whole line: O_APPEND puts it at the end in one piece.  A short
         # write (disk full) is finished in a loop -- we hold the flock and self._lock, so nobody
         # can interleave -- and if the rest cannot be written, the torn line is recovered (see
-        # _recover) before the next record rather than left for verify to trip over.
+        # _recover_locked) before the next record rather than left for verify to trip over.
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -422,6 +427,8 @@ def _check_args(event, device, driver, group, pid, detail) -> None:
     for name, value in (("device", device), ("driver", driver)):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"audit {name} must be a string or None, not {value!r}")
+        if value is not None and len(value) > _MAX_NAME:
+            raise ValueError(f"audit {name} is {len(value)} characters long; names are at most {_MAX_NAME}")
     for name, value in (("group", group), ("pid", pid)):
         if value is not None and not is_int(value):
             raise ValueError(f"audit {name} must be an int or None, not {value!r}")

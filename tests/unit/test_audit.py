@@ -122,7 +122,8 @@ def test_record_refuses_the_logs_own_events(log_path, key):
         audit.record("audit.checkpoint", detail={"seq": 1})
 
 
-@pytest.mark.parametrize("field,value", [("pid", True), ("group", "1"), ("device", 3), ("detail", [1])])
+@pytest.mark.parametrize("field,value", [("pid", True), ("group", "1"), ("device", 3), ("detail", [1]),
+                                         ("driver", "x" * 2000)])
 def test_record_refuses_wrong_types(log_path, key, field, value):
     with AuditLog(log_path, key) as audit, pytest.raises(ValueError, match=f"audit {field}"):
         audit.record("host.started", **{field: value})
