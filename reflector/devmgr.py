@@ -17,14 +17,16 @@ import errno
 import logging
 import os
 import threading
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from policy import acceptance as acceptance_mod
 from policy.audit import AuditLog
-from policy.derive import derive
-from policy.document import Policy
+from policy.derive import derive_one
+from policy.document import Policy, format_datetime
+from policy.errors import PolicyError
 from policy.drivers import find_drivers, group_settings
 from policy.modules import ModuleNotFound, resolve_module
 from policy.regfile import parse_files
@@ -108,8 +110,7 @@ class DeviceManager:
             if needs_policy else acceptance_mod.Acceptance({}, {})
         self._make_platform()
         self.kernel_ops = KernelOps(self)
-        kernel_docs = {d.entry.key_path: d.document for d in derive(self.hive, search_path)
-                       if d.entry.mode == "kernel"} if any(e.mode == "kernel" for e in entries) else {}
+        issued = format_datetime(datetime.now(timezone.utc))
 
         pending_groups: dict[int, list[UserDevice]] = {}
         for entry in entries:
@@ -128,7 +129,15 @@ class DeviceManager:
                 self.devices[entry.name.casefold()] = RejectedDevice(entry, "", self.audit, str(exc))
                 continue
             if entry.mode == "kernel":
-                self.devices[entry.name.casefold()] = self._load_kernel(entry, module, kernel_docs[entry.key_path])
+                # Trusted by configuration: its policy is derived here, from our own registry, one
+                # driver at a time so that one bad key does not stop the others.
+                try:
+                    document = derive_one(self.hive, entry, search_path, 1, issued).document
+                except PolicyError as exc:
+                    log.error("%s: %s", entry.key_path, exc)
+                    self.devices[entry.name.casefold()] = RejectedDevice(entry, module, self.audit, str(exc))
+                    continue
+                self.devices[entry.name.casefold()] = self._load_kernel(entry, module, document)
                 continue
             policy = accepted.accepted.get(entry.key_path)
             if policy is None:

@@ -40,8 +40,8 @@ def start_dm(tmp_path):
 
 
 def two_hosts(**group1) -> str:
-    """FLT1: (group 1, the one we break) and OK1: (group 2, which must not notice)."""
-    return (reg_driver("Faulty", "FLT", group=1, extra=ALLOW) + reg_driver("Steady", "OK", group=2, order=2, extra=ALLOW)
+    """FLT1: (group 1, the one we break) and OKY1: (group 2, which must not notice)."""
+    return (reg_driver("Faulty", "FLT", group=1, extra=ALLOW) + reg_driver("Steady", "OKY", group=2, order=2, extra=ALLOW)
             + reg_group(1, **group1) + reg_group(2))
 
 
@@ -118,11 +118,11 @@ def test_policy_rejected_device_answers_enodev(start_dm, tmp_path):
     try:
         with dm.client() as c:
             states = {d["name"]: d["state"] for d in c.devices()["devices"]}
-            assert states == {"FLT1:": "rejected", "OK1:": "running"}
+            assert states == {"FLT1:": "rejected", "OKY1:": "running"}
             with pytest.raises(OSError) as exc:
                 c.open("FLT1:")
             assert exc.value.errno == errno.ENODEV
-            with c.open("OK1:") as h:
+            with c.open("OKY1:") as h:
                 assert h.ioctl(ECHO, b"x", 1) == b"x"
         rejected = dm.wait_audit("policy.rejected")
         assert rejected[0]["device"] == "FLT1:"
@@ -147,7 +147,7 @@ def test_trusted_caller_only_and_allow_users(start_dm):
 # -- crashes are contained, audited, restarted; other hosts do not notice -----------------------
 
 class Hammer:
-    """Keeps asking OK1: for echoes from another thread and remembers every failure."""
+    """Keeps asking OKY1: for echoes from another thread and remembers every failure."""
 
     def __init__(self, dm):
         self.dm = dm
@@ -157,7 +157,7 @@ class Hammer:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self):
-        with self.dm.client() as c, c.open("OK1:") as h:
+        with self.dm.client() as c, c.open("OKY1:") as h:
             while not self.stop.is_set():
                 try:
                     assert h.ioctl(ECHO, b"ping", 4) == b"ping"
@@ -221,7 +221,7 @@ def test_quarantine_after_restart_limit_and_restart_lifts_it(start_dm):
         with pytest.raises(OSError) as exc:
             c.open("FLT1:")
         assert exc.value.errno == errno.ENODEV
-        with c.open("OK1:") as h:
+        with c.open("OKY1:") as h:
             assert h.ioctl(ECHO, b"x", 1) == b"x"
         c.restart("FLT1:")
     dm.wait_state("FLT1:", "running")
@@ -231,7 +231,7 @@ def test_quarantine_after_restart_limit_and_restart_lifts_it(start_dm):
 
 def test_a_driver_that_keeps_crashing_a_shared_host_gets_its_own(start_dm):
     registry = (reg_driver("Faulty", "FLT", group=1, extra=ALLOW)
-                + reg_driver("Neighbour", "NB", group=1, order=2, extra=ALLOW) + reg_group(1, restart_limit=10))
+                + reg_driver("Neighbour", "NBR", group=1, order=2, extra=ALLOW) + reg_group(1, restart_limit=10))
     dm = start_dm(registry)
     for _ in range(2):
         dm.wait_state("FLT1:", "running")
@@ -242,13 +242,13 @@ def test_a_driver_that_keeps_crashing_a_shared_host_gets_its_own(start_dm):
     while time.monotonic() < deadline:
         with dm.client() as c:
             hosts = c.devices()["hosts"]
-        if any(h["devices"] == ["FLT1:"] for h in hosts) and any(h["devices"] == ["NB1:"] for h in hosts):
+        if any(h["devices"] == ["FLT1:"] for h in hosts) and any(h["devices"] == ["NBR1:"] for h in hosts):
             break
         time.sleep(0.1)
     else:
         raise AssertionError(f"FLT1: was not moved into a host of its own: {hosts}")
     dm.wait_state("FLT1:", "running")
-    dm.wait_state("NB1:", "running")
+    dm.wait_state("NBR1:", "running")
 
 
 # -- the host channel is hostile ----------------------------------------------------------------
