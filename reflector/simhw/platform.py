@@ -24,7 +24,7 @@ from reflector.simhw.gpio import GpioBank
 from reflector.simhw.interrupts import InterruptLines
 from reflector.simhw.model import DeviceModel
 from reflector.simhw.physmem import PhysicalMemory
-from reflector.simhw.registry import configs_from_hive
+from reflector.simhw.registry import configs_from_hive, dma_zone_from_hive
 from reflector.simhw.uart16550 import Uart16550
 
 __all__ = ["MODELS", "Platform"]
@@ -76,8 +76,19 @@ class Platform:
 
     @classmethod
     def from_registry(cls, hive, physmem: PhysicalMemory | None = None) -> "Platform":
-        """The devices under ``HKLM\\Platform\\Devices`` of ``hive`` (an empty platform if none)."""
-        return cls(configs_from_hive(hive), physmem)
+        """The devices under ``HKLM\\Platform\\Devices`` of ``hive`` (an empty platform if none).
+
+        Without ``physmem``, the DMA zone is ``DmaBase``/``DmaSize`` of ``HKLM\\Platform`` if given,
+        else the default one."""
+        configs = configs_from_hive(hive)
+        if physmem is None:
+            zone = dma_zone_from_hive(hive)
+            if zone is not None:
+                try:
+                    physmem = PhysicalMemory(*zone)
+                except ValueError as e:
+                    raise PlatformConfigError("(platform)", "DmaBase", str(e)) from None
+        return cls(configs, physmem)
 
     def _check_layout(self, devices: list[DeviceConfig]) -> None:
         names: dict[str, DeviceConfig] = {}

@@ -20,9 +20,10 @@ from __future__ import annotations
 from reflector.simhw.config import DeviceConfig, Window
 from reflector.simhw.errors import PlatformConfigError
 
-__all__ = ["DEVICES_KEY", "configs_from_hive"]
+__all__ = ["DEVICES_KEY", "PLATFORM_KEY", "configs_from_hive", "dma_zone_from_hive"]
 
-DEVICES_KEY = r"HKEY_LOCAL_MACHINE\Platform\Devices"
+PLATFORM_KEY = r"HKEY_LOCAL_MACHINE\Platform"
+DEVICES_KEY = PLATFORM_KEY + r"\Devices"
 _STRUCTURAL = {"model", "membase", "memlen", "iobase", "iolen", "irq"}
 
 
@@ -32,6 +33,25 @@ def configs_from_hive(hive) -> list[DeviceConfig]:
     if root is None:
         return []
     return [_config(key) for key in root.subkeys()]
+
+
+def dma_zone_from_hive(hive) -> tuple[int, int] | None:
+    """``DmaBase``/``DmaSize`` (dwords or qwords) of ``HKLM\\Platform``, for boards whose device
+    windows sit where the default DMA zone would be; None when neither is given."""
+    key = hive.key(PLATFORM_KEY)
+    base = key.get("DmaBase") if key is not None else None
+    size = key.get("DmaSize") if key is not None else None
+    if base is None and size is None:
+        return None
+    if base is None or size is None:
+        present, missing = ("DmaBase", "DmaSize") if base is not None else ("DmaSize", "DmaBase")
+        raise PlatformConfigError("(platform)", present, f"is given without {missing}",
+                                  location=_location(base or size), fix=f"add {missing} under [{PLATFORM_KEY}]")
+    for v in (base, size):
+        if v.type not in ("dword", "qword"):
+            raise PlatformConfigError("(platform)", v.name, f"is a {v.type}; expected a dword or qword",
+                                      location=_location(v))
+    return base.data, size.data
 
 
 def _location(value) -> object:

@@ -347,3 +347,22 @@ def test_builtin_drivers_match_their_hardware_and_sample_ioctls():
     for group in ("ProcGroup_0001", "ProcGroup_0002"):
         k = hive.key(rf"HKLM\Drivers\{group}")
         assert k.get("ProcTimeout").data == 5000 and k.get("ProcName") is not None
+
+
+def test_dma_zone_from_the_registry_moves_out_of_the_way_of_devices():
+    text = ('[HKLM\\Platform]\n"DmaBase"=dword:20000000\n"DmaSize"=dword:00100000\n'
+            '[HKLM\\Platform\\Devices\\G]\n"Model"="gpio"\n"MemBase"=dword:80000000\n"MemLen"=dword:1000\n')
+    p = Platform.from_registry(parse_text(text, "plat.reg", strict=True).hive)
+    try:
+        assert (p.physmem.base, p.physmem.size) == (0x2000_0000, 0x10_0000)
+        assert p.physmem.alloc(1, owner=1).phys == 0x2000_0000
+    finally:
+        p.close()
+
+
+def test_dma_zone_half_given_or_unaligned_refused():
+    msg = reg_error('[HKLM\\Platform]\n"DmaBase"=dword:20000000\n')
+    assert msg == ('plat.reg:2:1: device (platform) "DmaBase": is given without DmaSize '
+                   '(fix: add DmaSize under [HKEY_LOCAL_MACHINE\\Platform])')
+    msg = reg_error('[HKLM\\Platform]\n"DmaBase"=dword:20000001\n"DmaSize"=dword:1000\n')
+    assert "page-aligned" in msg
