@@ -1,4 +1,4 @@
-"""``drvbox hw`` commands on the platform: each op, and what malformed commands get back."""
+"""``drvbox hw`` commands on the platform: each verb, and what malformed commands get back."""
 
 import errno
 import json
@@ -30,50 +30,50 @@ def fails(plat, code, match, cmd):
 
 
 def test_describe(plat):
-    assert [d["name"] for d in run(plat, op="describe")["devices"]] == ["UART1", "DISK1", "GPIO1"]
+    assert [d["name"] for d in run(plat, verb="ls")["devices"]] == ["UART1", "DISK1", "GPIO1"]
 
 
 def test_feed_then_driver_reads_and_tx_is_taken(plat):
-    assert run(plat, op="feed", device="uart1", text="hé") == {"accepted": 3}
+    assert run(plat, verb="uart-feed", device="uart1", text="hé") == {"accepted": 3}
     assert bytes(plat.port_read(0x3F8, 1) for _ in range(3)) == "hé".encode()
-    assert run(plat, op="feed", device="UART1", data="0001ff") == {"accepted": 3}
+    assert run(plat, verb="uart-feed", device="UART1", hex="0001ff") == {"accepted": 3}
     plat.port_write(0x3F8, ord("k"), 1)
-    assert run(plat, op="take_tx", device="UART1") == {"data": "6b", "text": "k"}
+    assert run(plat, verb="uart-take-tx", device="UART1") == {"hex": "6b", "text": "k"}
 
 
 def test_set_input_and_modem_lines(plat):
-    assert run(plat, op="set_input", device="GPIO1", pin=7, level=1) == {"level": 1}
+    assert run(plat, verb="gpio-set", device="GPIO1", pin=7, level=1) == {"level": 1}
     assert plat.mem_read(0x1000_1008, 4) == 1 << 7
-    run(plat, op="set_modem", device="UART1", cts=False)
+    run(plat, verb="uart-modem", device="UART1", cts=False)
     assert not plat.port_read(0x3FE, 1) & 0x10
 
 
 def test_sectors_both_ways(plat):
-    run(plat, op="write_sectors", device="DISK1", sector=1, data="ab" * 512)
-    assert run(plat, op="read_sectors", device="DISK1", sector=1, count=1)["data"] == "ab" * 512
+    run(plat, verb="disk-write", device="DISK1", sector=1, hex="ab" * 512)
+    assert run(plat, verb="disk-read", device="DISK1", sector=1, count=1)["hex"] == "ab" * 512
 
 
 def test_sync(plat):
-    assert run(plat, op="sync") == {"writes": 0}
-    assert run(plat, op="sync", device="GPIO1") == {"writes": 0}
+    assert run(plat, verb="sync") == {"writes": 0}
+    assert run(plat, verb="sync", device="GPIO1") == {"writes": 0}
 
 
 @pytest.mark.parametrize("cmd,code,match", [
     ([], errno.EINVAL, "JSON object"),
-    ({"op": "reboot"}, errno.EINVAL, "is not one of describe"),
-    ({"op": 3}, errno.EINVAL, "is not one of"),
-    ({"op": "feed", "device": "COM9", "text": "x"}, errno.ENODEV, "no simulated device 'COM9'"),
-    ({"op": "feed", "device": "GPIO1", "text": "x"}, errno.EINVAL, "GPIO1 is a gpio, not a uart16550"),
-    ({"op": "feed", "device": "UART1"}, errno.EINVAL, "exactly one of"),
-    ({"op": "feed", "device": "UART1", "data": "zz"}, errno.EINVAL, "not hex"),
-    ({"op": "feed", "device": "UART1", "data": "00" * 65537}, errno.EINVAL, "longer than 65536"),
-    ({"op": "set_input", "device": "GPIO1", "pin": 32, "level": 1}, errno.EINVAL, "not one of 0..31"),
-    ({"op": "set_input", "device": "GPIO1", "pin": 1, "level": 2}, errno.EINVAL, "not 0 or 1"),
-    ({"op": "set_input", "device": "GPIO1", "pin": True, "level": 1}, errno.EINVAL, "must be an integer"),
-    ({"op": "read_sectors", "device": "DISK1", "sector": 0, "count": 129}, errno.EINVAL, "not in 1..128"),
-    ({"op": "read_sectors", "device": "DISK1", "sector": 8, "count": 1}, errno.EINVAL, "not on a disk of 8"),
-    ({"op": "write_sectors", "device": "DISK1", "sector": 0, "data": "00"}, errno.EINVAL, "whole number"),
-    ({"op": "take_tx"}, errno.EINVAL, "missing field 'device'"),
+    ({"verb": "reboot"}, errno.EINVAL, "unknown verb 'reboot'; known: ls, uart-feed"),
+    ({"verb": 3}, errno.EINVAL, "unknown verb 3"),
+    ({"verb": "uart-feed", "device": "COM9", "text": "x"}, errno.ENODEV, "no simulated device 'COM9'"),
+    ({"verb": "uart-feed", "device": "GPIO1", "text": "x"}, errno.EINVAL, "GPIO1 is a gpio, not a uart16550"),
+    ({"verb": "uart-feed", "device": "UART1"}, errno.EINVAL, "exactly one of"),
+    ({"verb": "uart-feed", "device": "UART1", "hex": "zz"}, errno.EINVAL, "not hex"),
+    ({"verb": "uart-feed", "device": "UART1", "hex": "00" * 65537}, errno.EINVAL, "longer than 65536"),
+    ({"verb": "gpio-set", "device": "GPIO1", "pin": 32, "level": 1}, errno.EINVAL, "not one of 0..31"),
+    ({"verb": "gpio-set", "device": "GPIO1", "pin": 1, "level": 2}, errno.EINVAL, "not 0 or 1"),
+    ({"verb": "gpio-set", "device": "GPIO1", "pin": True, "level": 1}, errno.EINVAL, "must be an integer"),
+    ({"verb": "disk-read", "device": "DISK1", "sector": 0, "count": 129}, errno.EINVAL, "not in 1..128"),
+    ({"verb": "disk-read", "device": "DISK1", "sector": 8, "count": 1}, errno.EINVAL, "not on a disk of 8"),
+    ({"verb": "disk-write", "device": "DISK1", "sector": 0, "hex": "00"}, errno.EINVAL, "whole number"),
+    ({"verb": "uart-take-tx"}, errno.EINVAL, "missing field 'device'"),
 ])
 def test_malformed_commands_refused(plat, cmd, code, match):
     fails(plat, code, match, cmd)
