@@ -50,8 +50,9 @@ the buffer must lie inside one DMA allocation of the owner the Reflector bound t
 inside the disk; one doorbell processes at most RING_SIZE descriptors.
 
 Mapped mode works fully: the ring registers come before CONTROL and TAIL in address order, so a
-whole set-up written between two syncs is folded in in a working order; TAIL is free-running, so each doorbell changes it, and INT_ACK reads 0,
-so any acknowledgement is a change the model sees at the next sync.  Only INT_STATUS's own
+whole set-up written between two syncs is folded in in a working order; TAIL is free-running,
+so each doorbell changes it; and INT_ACK reads 0, so any acknowledgement is a change the model
+sees at the next sync.  Only INT_STATUS's own
 write-1-to-clear is lost there when the driver writes back the value it just read.
 """
 

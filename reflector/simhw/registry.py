@@ -89,7 +89,8 @@ def _windows(device: str, key, base_name: str, len_name: str) -> list[Window]:
                                   location=_location(base or length), fix=f"add {missing} or remove {present}")
     bases, lengths = _numbers(device, base), _numbers(device, length)
     if len(bases) != len(lengths):
-        raise PlatformConfigError(device, len_name, f"lists {len(lengths)} lengths for {len(bases)} bases in {base_name}",
+        raise PlatformConfigError(device, len_name,
+                                  f"lists {len(lengths)} lengths for {len(bases)} bases in {base_name}",
                                   location=_location(length), fix="give one length per base")
     return [Window(b, n) for b, n in zip(bases, lengths)]
 
