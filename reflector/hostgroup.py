@@ -235,7 +235,7 @@ class HostGroup:
         return None
 
     def _kernel_call(self, channel, frame):
-        return self.kernel_ops.handle(self, self._device(frame.driver_id), frame)
+        return self.kernel_ops.handle(self, channel, self._device(frame.driver_id), frame)
 
     def _violation(self, kind: str, detail: dict) -> None:
         pid = self.channel.sandboxed.inner_pid if self.channel else None
@@ -256,6 +256,9 @@ class HostGroup:
 
     def _host_exited(self, channel: HostChannel) -> None:
         status = channel.sandboxed.wait(timeout=5)
+        # Everything the dead host held (mappings, DMA, interrupts, fds) goes back now: the
+        # next host must ask again, and is checked again.
+        self.kernel_ops.host_gone(channel)
         if self.supervisor is not None and channel.sandboxed.notify_fd is not None:
             self.supervisor.unwatch(channel.sandboxed.notify_fd)
         channel.arena.close()

@@ -57,7 +57,13 @@ class KernelOps:
 
     # -- entry point from a host channel ----------------------------------------------------
 
-    def handle(self, group, device, frame: Frame) -> Result:
+    def host_gone(self, channel) -> None:
+        """Reclaim every resource the host behind ``channel`` held."""
+        resources = getattr(self.dm.platform, "resources", None)
+        if resources is not None:
+            resources.release(channel)
+
+    def handle(self, group, channel, device, frame: Frame) -> Result:
         kop_raw, a0, a1, a2 = frame.fields
         try:
             kop = KernelOp(kop_raw)
@@ -194,7 +200,7 @@ class InProcessKernel:
     def _call(self, kop: KernelOp, a0=0, a1=0, a2=0, tail=b"") -> tuple[int, bytes, list]:
         from hosts.wire import Op
         frame = Frame(Op.KCALL, 0, 0, (int(kop), a0, a1, a2), tail)
-        status, value, rtail, fds = self.ops.handle(None, self.device, frame)
+        status, value, rtail, fds = self.ops.handle(None, None, self.device, frame)
         if status:
             message = rtail.decode("utf-8", "replace")
             if status in (errno.EACCES, errno.EPERM):
