@@ -1,0 +1,106 @@
+"""A probe target: runs the checks it is asked to, from inside a sandbox, and writes the results.
+
+Used by ``drvbox sandbox check`` and by the end-to-end tests.  ``run(fds, arg)``: ``arg["checks"]``
+names the checks in order; the results go as one JSON object to ``fds[0]`` (a socket).  Each
+check performs one operation and records the errno it got (0: it succeeded), so the caller can
+tell our layer's refusal (EPERM from seccomp, EROFS from the mount view, ...) from another.
+Imports only what the host itself may import.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import threading
+
+
+def _errno_of(fn) -> int:
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def _fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _exec():
+    os.execv("/bin/true", ["/bin/true"])
+
+
+def _write_outside():
+    fd = os.open("/drvbox-probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+def _write_tmp():
+    fd = os.open("/tmp/drvbox-probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"x")
+    os.close(fd)
+    os.unlink("/tmp/drvbox-probe")
+
+
+def _thread():
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+
+
+def _memory_bomb():
+    hoard = []
+    while True:
+        hoard.append(b"\x01" * (8 << 20))   # touched pages: counted by RLIMIT_AS and the cgroup
+
+
+CHECKS = {
+    "socket": lambda: _errno_of(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()),
+    "socketpair": lambda: _errno_of(lambda: [s.close() for s in socket.socketpair()]),
+    "fork": lambda: _errno_of(_fork),
+    "exec": lambda: _errno_of(_exec),
+    "write_outside": lambda: _errno_of(_write_outside),
+    "write_tmp": lambda: _errno_of(_write_tmp),
+    "thread": lambda: _errno_of(_thread),
+    "kill_outside": None,            # needs arg["outside_pid"]
+    "proc_pids": lambda: sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+    "root_listing": lambda: sorted(os.listdir("/")),
+    "getuid": lambda: [os.getuid(), os.getgid(), os.getgroups()],
+    "memory_bomb": lambda: _errno_of(_memory_bomb),
+}
+
+
+def run(fds: list[int], arg: dict) -> int:
+    out = socket.socket(fileno=fds[0])
+    results = {"fds": fds}
+    for name in arg.get("checks", []):
+        if name == "kill_outside":
+            results[name] = _errno_of(lambda: os.kill(int(arg["outside_pid"]), 0))
+        elif name in CHECKS:
+            try:
+                results[name] = CHECKS[name]()
+            except MemoryError:
+                results[name] = "MemoryError"
+        else:
+            results[name] = f"unknown check {name!r}"
+    if arg.get("crash_after"):
+        raise SystemExit(int(arg["crash_after"]))
+    out.sendall(json.dumps(results).encode())
+    out.close()
+    if arg.get("wait_for_eof"):
+        os.read(fds[1], 1)
+    return int(arg.get("exit", 0))
+
+
+def idle(fds: list[int], arg: dict) -> int:
+    """Block until fds[0] reaches EOF (the caller closes its end), then exit 0."""
+    os.read(fds[0], 1)
+    return 0
+
+
+__all__ = ["run", "idle", "CHECKS", "errno"]
