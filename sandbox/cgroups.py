@@ -76,7 +76,7 @@ class HostCgroup:
 
     def _file(self, name: str) -> Path:
         controller = name.split(".")[0]
-        return self.dirs.get("unified") or self.dirs[controller]
+        return (self.dirs.get("unified") or self.dirs[controller]) / name
 
 
 def _write(path: Path, value: str) -> None:

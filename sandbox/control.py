@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import array
 import json
-import socket
+
+# _socket, not socket: the launcher imports this, and socket (with enum and selectors) costs
+# several milliseconds of every host start.  Parent-side socket.socket objects are _socket ones.
+import _socket as socket
 
 MAX_MESSAGE = 192 * 1024   # under the default socket buffer, so one send never blocks half-way
 MAX_FDS = 1
@@ -19,7 +22,7 @@ class ControlError(Exception):
     pass
 
 
-def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
+def send(sock, message: dict, fds: tuple[int, ...] = ()) -> None:
     data = json.dumps(message, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE:
         raise ControlError(f"control message of {len(data)} bytes exceeds {MAX_MESSAGE} "
@@ -28,7 +31,7 @@ def send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
     sock.sendmsg([data], ancillary)
 
 
-def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+def recv(sock) -> tuple[dict | None, list[int]]:
     """One message and the fds that came with it; ``(None, [])`` at end of stream."""
     data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4))
     fds: list[int] = []

@@ -60,8 +60,8 @@ def _fail(ctl, failure: _StepFailed) -> None:
 # --- the launcher ----------------------------------------------------------------------------
 
 def main(ctl_fd: int) -> None:
-    import socket
-    ctl = socket.socket(fileno=ctl_fd)
+    import _socket
+    ctl = _socket.socket(fileno=ctl_fd)
     try:
         plan = _run("spec", _read_plan, ctl)
         _run("spec", _preload, plan)
@@ -229,9 +229,9 @@ def confine(plan: dict, ctl, life_r: int):
 
 def _rebind(sock, fd: int):
     """The socket object for the control socket's new number (the old number is closed)."""
-    import socket
+    import _socket
     sock.detach()
-    return socket.socket(fileno=fd)
+    return _socket.socket(fileno=fd)
 
 
 def _die_with_parent(life_r: int) -> None:

@@ -18,7 +18,6 @@ Child side, ``apply``, inside the new mount namespace, in this order:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -33,6 +32,7 @@ _BASE = "/tmp"   # the scratch mount point, only in our own mount namespace
 
 def _module_paths(name: str) -> list[str]:
     """Where module ``name`` lives, without importing it (a package's directories, else its file)."""
+    import importlib.util   # parent side only: the launcher does not pay for it
     spec = importlib.util.find_spec(name)
     if spec is None:
         return []
