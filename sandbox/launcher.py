@@ -85,10 +85,11 @@ def main(ctl_fd: int) -> None:
         return
     if pid == 0:
         os.close(life_w)
+        channel = [ctl]   # confine() renumbers the control socket; a failure reports on the new one
         try:
-            function, fds, arg = confine(plan, ctl, life_r)
+            function, fds, arg = confine(plan, channel, life_r)
         except _StepFailed as failure:
-            _fail(ctl, failure)
+            _fail(channel[0], failure)
             return
         _call_target(function, fds, arg)
     os.close(life_r)
@@ -175,7 +176,7 @@ def _reap(pid: int, ctl, life_w: int, plan: dict) -> None:
 
 # --- the host: the confinement sequence ------------------------------------------------------
 
-def confine(plan: dict, ctl, life_r: int):
+def confine(plan: dict, channel: list, life_r: int):
     """Confine this process (the host, pid 1 of its pid namespace), in this order, then return
     (target function, fds, arg).  Every step either completes or raises _StepFailed."""
     import importlib
@@ -184,6 +185,7 @@ def confine(plan: dict, ctl, life_r: int):
 
     from sandbox import capabilities, fds, identity, limits, mounts, readback, seccomp
 
+    ctl = channel[0]
     # 1. Die with the launcher, from now on: if it is killed mid-way, so are we.
     _run("pdeathsig", _die_with_parent, life_r)
     # 2. The mount view, while we hold CAP_SYS_ADMIN over our mount namespace.
@@ -206,7 +208,7 @@ def confine(plan: dict, ctl, life_r: int):
     #    Before the limits: RLIMIT_NOFILE would refuse the high numbers the renumbering uses.
     kept = _run("fds", fds.keep_only, plan["fds"], [ctl.fileno(), life_r])
     passed, (ctl_fd, life_fd) = kept[:len(plan["fds"])], kept[len(plan["fds"]):]
-    ctl = _rebind(ctl, ctl_fd)
+    ctl = channel[0] = _rebind(ctl, ctl_fd)
     # 9. rlimits, before the import: the target's import-time allocations are bounded too.
     _run("limits", limits.apply, plan["limits"])
     # 10. The target, imported now: importing needs calls (stat, mmap of extension modules)

@@ -179,7 +179,8 @@ class Sandboxed:
     """A running (or ended) sandbox.  Made by ``spawn`` only."""
 
     def __init__(self, *, name: str, popen: subprocess.Popen, pidfd: int, inner_pid: int,
-                 notify_fd: int | None, confinement: dict, cgroup: cgroups.HostCgroup | None):
+                 inner_pidfd: int | None, notify_fd: int | None, confinement: dict,
+                 cgroup: cgroups.HostCgroup | None):
         self.name = name
         self.pid = popen.pid
         self.inner_pid = inner_pid
@@ -193,21 +194,31 @@ class Sandboxed:
         # Our own pidfd, closed only once the launcher is reaped: kill() and wait() keep working
         # race-free after close() has closed the public one.
         self._own_pidfd = os.dup(pidfd)
+        self._inner_pidfd = inner_pidfd
         self.cgroup_left: list[str] = []
 
     def __repr__(self) -> str:
         return f"<Sandboxed {self.name!r} pid={self.pid} inner_pid={self.inner_pid} status={self._status}>"
 
     def kill(self) -> None:
-        """SIGKILL the launcher; the host follows (parent-death signal) and with it everything
-        in its pid namespace.  Idempotent."""
+        """SIGKILL the host, and with it everything in its pid namespace.  Idempotent.
+
+        The signal goes to the host itself (through a pidfd: no pid can be recycled under us);
+        the launcher reaps it and then ends the same way, so once ``wait`` returns nothing of the
+        sandbox is left and its cgroup can be removed.  Without that pidfd, the launcher is
+        killed and the host follows by its parent-death signal.
+        """
         with self._lock:
             if self._status is not None:
                 return
-            try:
-                signal.pidfd_send_signal(self._own_pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for fd in (self._inner_pidfd, self._own_pidfd):
+                if fd is None:
+                    continue
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    return
+                except ProcessLookupError:
+                    continue
 
     def poll(self) -> ExitStatus | None:
         with self._lock:
@@ -243,10 +254,16 @@ class Sandboxed:
             self.cgroup_left = self._cgroup.remove()
         self._popen.returncode = os.waitstatus_to_exitcode(status)
         os.close(self._own_pidfd)
+        if self._inner_pidfd is not None:
+            os.close(self._inner_pidfd)
+            self._inner_pidfd = None
         self._status = ExitStatus(code, sig, step)
 
     def close(self) -> None:
         """Close our fds (pidfd, notify_fd).  Does not kill: call kill() first if need be."""
+        with self._lock:
+            if self._status is not None and self._cgroup is not None and self.cgroup_left:
+                self.cgroup_left = self._cgroup.remove()   # a host killed from outside may end late
         for attr in ("pidfd", "notify_fd"):
             fd = getattr(self, attr)
             if fd is not None and fd >= 0:
@@ -288,12 +305,34 @@ def spawn(spec: SandboxSpec, target: str, target_arg: dict, pass_fds: Sequence[i
         except OSError as exc:
             raise ConfinementError("cgroup", exc.filename or "cgroup.procs", exc.errno, name=spec.name) from None
         inner_pid, state, notify_fd = _handshake(spec, ours, popen, plan, undo)
+        inner_pidfd = _pidfd_of_child(inner_pid, popen.pid)
+        if inner_pidfd is not None:
+            undo.callback(os.close, inner_pidfd)
         confinement = _describe(state, plan, group, spec)
         handle = Sandboxed(name=spec.name, popen=popen, pidfd=pidfd, inner_pid=inner_pid,
-                           notify_fd=notify_fd, confinement=confinement, cgroup=group)
+                           inner_pidfd=inner_pidfd, notify_fd=notify_fd, confinement=confinement,
+                           cgroup=group)
         undo.pop_all()
         ours.close()
         return handle
+
+
+def _pidfd_of_child(pid: int, parent: int) -> int | None:
+    """A pidfd for ``pid`` if it is still the launcher's child (checked *after* opening, so a
+    recycled pid cannot slip in); None if the host has already ended."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        ppid = -1
+    if ppid != parent:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _kill_and_reap(popen: subprocess.Popen, pidfd: int) -> None:

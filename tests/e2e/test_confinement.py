@@ -1,0 +1,354 @@
+"""End-to-end: real sandboxes, a probe inside (sandbox/probe.py), proof from inside.
+
+Each rule is tested from both sides where it has two: what the host must be able to do (write
+its /tmp, start a thread, talk over the fd it was given) next to what it must not.  A refusal
+counts only with the errno of *our* layer (EPERM from the seccomp supervisor, EROFS from the
+mount view, ESRCH from the pid namespace) and, for seccomp, the supervisor's report naming it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from sandbox.errors import ConfinementError
+from sandbox.spec import SandboxSpec, spawn
+
+pytestmark = [pytest.mark.needs_root, pytest.mark.needs_seccomp_notify]
+
+HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
+# Only a guard against hanging the whole run if the sandbox never ends; never a measure.
+HANG_GUARD = 120.0
+
+
+def _spec(**kw) -> SandboxSpec:
+    kw.setdefault("name", "e2e")
+    kw.setdefault("optional", frozenset({"cgroup"}))
+    return SandboxSpec(**kw)
+
+
+class Probe:
+    """One sandbox running sandbox.probe:run, with the supervisor's reports collected."""
+
+    def __init__(self, spec: SandboxSpec, checks: list[str], supervisor=None, action: str = "deny", **arg):
+        self.reports = []
+        self._ours, theirs = socket.socketpair()
+        try:
+            self.box = spawn(spec, "sandbox.probe:run", {"checks": checks, **arg}, [theirs.fileno()])
+        finally:
+            theirs.close()
+        if supervisor is not None and self.box.notify_fd is not None:
+            supervisor.watch(self.box.notify_fd, self.reports.append, action,
+                             kill=self.box.kill if action == "kill" else None)
+        self.supervisor = supervisor
+
+    def results(self) -> dict:
+        chunks = []
+        while True:
+            chunk = self._ours.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return json.loads(b"".join(chunks)) if chunks else {}
+
+    def finish(self):
+        status = self.box.wait(timeout=HANG_GUARD)
+        if self.supervisor is not None and self.box.notify_fd is not None:
+            self.supervisor.unwatch(self.box.notify_fd)
+        self.box.close()
+        self._ours.close()
+        return status
+
+    def reported(self) -> set[str]:
+        return {r.syscall for r in self.reports}
+
+
+def run_probe(checks, supervisor=None, spec=None, **arg):
+    probe = Probe(spec or _spec(), checks, supervisor, **arg)
+    results = probe.results()
+    status = probe.finish()
+    return results, status, probe
+
+
+# --- seccomp: denied, reported by name; and what stays allowed --------------------------------
+
+def test_socket_denied_with_eperm_and_reported_by_name(supervisor):
+    results, status, probe = run_probe(["socket"], supervisor)
+    assert results["socket"] == errno.EPERM
+    sockets = [r for r in probe.reports if r.syscall == "socket"]
+    assert sockets, f"no report naming socket: {probe.reports}"
+    assert sockets[0].pid == probe.box.inner_pid
+    assert sockets[0].arch == "x86_64"
+    assert sockets[0].args[0] == socket.AF_INET
+    assert status.code == 0 and status.signal is None
+
+
+def test_passed_socket_still_works_and_threads_start(supervisor):
+    # The allowed side: the probe's results travel over the fd it was given (sendto), and a
+    # thread (clone with CLONE_THREAD) starts without any report.
+    results, status, probe = run_probe(["thread"], supervisor)
+    assert results["thread"] == 0
+    assert results["fds"] == [3]
+    assert probe.reports == []
+    assert status.code == 0
+
+
+def test_fork_and_exec_fail_and_are_reported(supervisor):
+    results, _, probe = run_probe(["fork", "exec"], supervisor)
+    assert results["fork"] == errno.EPERM
+    assert results["exec"] == errno.EPERM
+    assert {"clone", "execve"} <= probe.reported()
+
+
+def test_on_violation_kill_ends_the_sandbox(supervisor):
+    probe = Probe(_spec(on_violation="kill"), ["socket"], supervisor, action="kill")
+    assert probe.results() == {}        # killed before it could send anything
+    status = probe.finish()
+    assert status.signal == signal.SIGKILL
+    assert "socket" in probe.reported()
+
+
+# --- file system: only /tmp is writable ---------------------------------------------------------
+
+def test_writes_outside_tmp_fail_with_erofs_and_tmp_is_writable():
+    results, _, _ = run_probe(["write_outside", "write_tmp"])
+    assert results["write_outside"] == errno.EROFS
+    assert results["write_tmp"] == 0
+
+
+def test_view_holds_only_what_the_host_needs():
+    results, _, probe = run_probe(["root_listing"])
+    assert set(results["root_listing"]) <= {"dev", "etc", "lib", "lib64", "proc", "root", "tmp", "usr", "work",
+                                            "home", "opt", "srv"}
+    mounts = probe.box.confinement["mounts"]
+    writable = [m["mount_point"] for m in mounts if "ro" not in m["options"].split(",")]
+    assert writable == ["/tmp"]
+    assert [m for m in mounts if m["mount_point"] == "/"][0]["fstype"] == "tmpfs"
+    assert "/home" not in {m["mount_point"] for m in mounts}
+    repo = os.path.dirname(os.path.dirname(HELPERS))
+    assert repo not in {m["mount_point"] for m in mounts}, "the whole repository is bound"
+
+
+# --- processes: none visible outside, none signalable ------------------------------------------
+
+def test_cannot_see_or_signal_processes_outside():
+    results, _, probe = run_probe(["proc_pids", "kill_outside"], outside_pid=os.getpid())
+    assert results["proc_pids"] == [1]
+    assert results["kill_outside"] == errno.ESRCH
+    assert probe.box.confinement["pid"] == 1
+
+
+# --- identity, capabilities, no_new_privs, seccomp mode ----------------------------------------
+
+def _status(probe) -> dict:
+    return probe.box.confinement["status"]
+
+
+def test_capabilities_empty_nnp_and_seccomp_in_force():
+    _, _, probe = run_probe([])
+    st = _status(probe)
+    for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(st[field], 16) == 0, f"{field} = {st[field]}"
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    assert probe.box.confinement["securebits"] & 0xAA == 0xAA     # every lock bit
+
+
+def test_uid_non_zero_inside_and_no_groups():
+    results, _, probe = run_probe(["getuid"])
+    uid, gid, groups = results["getuid"]
+    assert uid != 0 and gid != 0
+    assert groups == []
+    assert all(u != "0" for u in _status(probe)["Uid"].split())
+
+
+@pytest.mark.needs_userns
+def test_user_namespace_maps_an_unprivileged_id():
+    results, _, probe = run_probe(["getuid"], spec=_spec(userns=True))
+    assert results["getuid"][0] == 65534
+    assert probe.box.confinement["uid_map"] == ["65534", "65534", "1"]
+    assert probe.box.confinement["namespaces"]["user"]["new"]
+
+
+def test_every_namespace_is_new_and_no_network():
+    _, _, probe = run_probe([])
+    ns = probe.box.confinement["namespaces"]
+    for name in ("pid", "net", "ipc", "uts", "cgroup", "mnt"):
+        assert ns[name]["new"], name
+    assert probe.box.confinement["interfaces"] in ([], ["lo"])
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+def test_memory_bomb_is_stopped_by_rlimit_as_inside_its_own_sandbox():
+    results, status, probe = run_probe(["memory_bomb"], spec=_spec(address_space_mib=256))
+    assert results["memory_bomb"] == "MemoryError"
+    assert probe.box.confinement["rlimits"]["RLIMIT_AS"] == [256 << 20, 256 << 20]
+    assert status.code == 0     # the sandbox ended on its own terms; this process is untouched
+
+
+@pytest.mark.needs_cgroup
+def test_memory_bomb_is_killed_by_the_cgroup_limit():
+    spec = _spec(address_space_mib=None, memory_limit_mib=64, optional=frozenset())
+    probe = Probe(spec, ["memory_bomb"])
+    assert probe.results() == {}
+    status = probe.finish()
+    assert status.signal == signal.SIGKILL
+    assert status.step == "limits"
+    assert probe.box.cgroup_left == []
+
+
+def test_rlimits_are_as_the_spec_says():
+    _, _, probe = run_probe([], spec=_spec(max_open_files=32, max_file_size_mib=2))
+    rl = probe.box.confinement["rlimits"]
+    assert rl["RLIMIT_NOFILE"] == [32, 32]
+    assert rl["RLIMIT_FSIZE"] == [2 << 20, 2 << 20]
+    assert rl["RLIMIT_CORE"] == [0, 0]
+
+
+# --- lifetime: the host dies with its parent; kill is immediate and idempotent -----------------
+
+def _pidfd_if_child_of(pid: int, parent: int) -> int:
+    fd = os.pidfd_open(pid)
+    with open(f"/proc/{pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == parent
+    return fd
+
+
+@pytest.mark.parametrize("mode", ["root", pytest.param("userns", marks=pytest.mark.needs_userns)])
+def test_sandbox_dies_when_its_parent_dies(mode):
+    helper = subprocess.Popen([sys.executable, os.path.join(HELPERS, "spawn_and_wait.py"), mode],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = json.loads(helper.stdout.readline())
+        launcher = _pidfd_if_child_of(line["pid"], helper.pid)
+        host = _pidfd_if_child_of(line["inner_pid"], line["pid"])
+        helper.kill()
+        helper.wait()
+        for fd in (launcher, host):
+            ready, _, _ = select.select([fd], [], [], HANG_GUARD)
+            assert ready, "the sandbox outlived its parent"
+            os.close(fd)
+    finally:
+        helper.kill()
+        helper.wait()
+        helper.stdin.close()
+        helper.stdout.close()
+
+
+def test_kill_ends_host_and_is_idempotent():
+    ours, theirs = socket.socketpair()
+    box = spawn(_spec(), "sandbox.probe:idle", {}, [theirs.fileno()])
+    theirs.close()
+    host = _pidfd_if_child_of(box.inner_pid, box.pid)
+    assert box.poll() is None
+    box.kill()
+    box.kill()
+    status = box.wait(timeout=HANG_GUARD)
+    assert status.signal == signal.SIGKILL
+    assert select.select([host], [], [], 0)[0]     # the host is gone once wait() returned
+    box.kill()
+    assert box.poll() == status
+    os.close(host)
+    box.close()
+    ours.close()
+
+
+def test_pidfd_is_readable_when_the_sandbox_ends():
+    ours, theirs = socket.socketpair()
+    box = spawn(_spec(), "sandbox.probe:idle", {}, [theirs.fileno()])
+    theirs.close()
+    assert select.select([box.pidfd], [], [], 0)[0] == []
+    ours.close()                            # the host reads EOF and exits 0
+    assert select.select([box.pidfd], [], [], HANG_GUARD)[0] == [box.pidfd]
+    assert box.wait().code == 0
+    box.close()
+
+
+def test_wait_concurrently_from_two_threads():
+    ours, theirs = socket.socketpair()
+    box = spawn(_spec(), "sandbox.probe:idle", {}, [theirs.fileno()])
+    theirs.close()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(box.wait(timeout=HANG_GUARD))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    ours.close()
+    for t in threads:
+        t.join()
+    assert got[0] == got[1] and got[0].code == 0
+    box.close()
+
+
+# --- failures: named steps, nothing left behind ------------------------------------------------
+
+def test_failed_step_is_reported_by_name():
+    with pytest.raises(ConfinementError) as info:
+        spawn(_spec(readonly_paths=("/nonexistent/drvbox-driver-dir",)), "sandbox.probe:idle", {}, [])
+    exc = info.value
+    assert exc.step == "mounts"
+    assert exc.errno == errno.ENOENT
+    assert "/nonexistent/drvbox-driver-dir" in exc.call
+    assert "'mounts' failed" in str(exc) and "ENOENT" in str(exc) and "readonly_paths" in str(exc)
+
+
+def test_failed_import_is_reported_by_name():
+    with pytest.raises(ConfinementError) as info:
+        spawn(_spec(), "sandbox.no_such_module:run", {}, [])
+    assert info.value.step == "import"
+    assert "no_such_module" in info.value.call
+
+
+def test_no_fd_leaks_after_success_and_after_failure(open_fds):
+    before = open_fds()
+    _, _, _ = run_probe([])
+    with pytest.raises(ConfinementError):
+        spawn(_spec(readonly_paths=("/nonexistent",)), "sandbox.probe:idle", {}, [])
+    with pytest.raises(ConfinementError):
+        spawn(_spec(extra_syscalls=("execve",)), "sandbox.probe:idle", {}, [])
+    assert open_fds() == before
+
+
+def test_host_holds_only_its_fds_not_the_listener():
+    # The host must not keep the seccomp listener (it could answer its own notifications) nor
+    # the control socket: only 0-2 and the fds it was given.
+    ours, theirs = socket.socketpair()
+    extra_r, extra_w = os.pipe()
+    box = spawn(_spec(), "sandbox.probe:idle", {}, [theirs.fileno(), extra_r])
+    theirs.close()
+    os.close(extra_r)
+    fds = sorted(int(n) for n in os.listdir(f"/proc/{box.inner_pid}/fd"))
+    assert fds == [0, 1, 2, 3, 4]
+    assert os.readlink(f"/proc/{box.inner_pid}/fd/4").startswith("pipe:")
+    ours.close()
+    assert box.wait(timeout=HANG_GUARD).code == 0
+    os.close(extra_w)
+    box.close()
+
+
+@pytest.mark.needs_cgroup
+def test_cgroup_is_removed_when_the_host_ends():
+    results, status, probe = run_probe([], spec=_spec(optional=frozenset(), memory_limit_mib=128))
+    paths = probe.box.confinement["cgroup"]["paths"]
+    assert paths and all(not os.path.exists(p) for p in paths)
+    assert status.code == 0
+
+
+def test_drvbox_sandbox_check_passes():
+    result = subprocess.run([sys.executable, "-m", "reflector.cli", "sandbox", "check", "--json"],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(HELPERS)))
+    report = json.loads(result.stdout)
+    failing = [m for m in report["mechanisms"] if not m["ok"]]
+    assert result.returncode == 0 and report["ok"], failing
+    assert {m["mechanism"] for m in report["mechanisms"]} >= {
+        "namespaces", "identity", "capabilities", "no_new_privs", "seccomp", "mounts", "network",
+        "rlimits", "cgroup"}
