@@ -33,7 +33,7 @@ from policy.regfile import parse_files
 from reflector import devkeys
 from reflector.devices import REJECTED, Device, KernelDevice, UserDevice
 from reflector.hostgroup import HostGroup
-from reflector.kernel_ops import KernelOps
+from reflector.kernel_ops import KernelOps, attach_resources
 
 log = logging.getLogger("drvbox.dm")
 
@@ -202,6 +202,7 @@ class DeviceManager:
             return
         if self.hive.key(r"HKEY_LOCAL_MACHINE\Platform\Devices") is not None:
             self.platform = Platform.from_registry(self.hive)
+            attach_resources(self.platform)      # who holds what: checked on every KCALL
 
     def start(self) -> None:
         """Start every process group's host, in the order of their first driver."""

@@ -6,8 +6,17 @@ even if something checked before: drivers that share a host share an address spa
 can pretend to be another one of its host -- the check is still made against the driver id the
 frame names, and that id must belong to the host that sent it (the channel enforces it).
 
-Every resource handed out is recorded per host generation, so that when a host dies everything it
-held (mappings, DMA buffers, interrupt registrations) is reclaimed and the next host must ask again.
+After the policy, possession: ``reflector.hwresources.HardwareResources`` (the platform's
+``resources``) records every resource handed out under its owner -- the ``HostChannel`` of one
+host lifetime, or the ``KernelDevice`` of a kernel-mode driver -- refuses another driver's
+handles and devices, and gives everything back in ``host_gone``, so a restarted host must ask
+again.
+
+Errors become KREPLY statuses: a policy denial EACCES, a refusal of what is someone else's
+(EBUSY, EBADF, EFAULT outside a region) its errno -- both audited ``policy.denied`` with the
+operation and its arguments -- and a platform error (``SimHwError``) its ``errno``, not audited
+(the request was allowed; the hardware could not do it, e.g. a register width the device does
+not decode).
 """
 
 from __future__ import annotations
@@ -19,8 +28,13 @@ import os
 import threading
 from typing import Callable
 
-from hosts.wire import Frame, KernelOp
+from hosts.channel import KernelAnswer
+from hosts.kernel_proxy import KernelProxy
+from hosts.wire import Frame, KernelOp, Op
 from policy import decisions
+from reflector.hwresources import HardwareResources, ResourceError
+from reflector.simhw.errors import SimHwError
+from reflector.simhw.physmem import round_up
 
 log = logging.getLogger("drvbox.kernel")
 
@@ -33,6 +47,13 @@ class Denied(Exception):
 
 
 Result = tuple[int, int, bytes, list]        # status, value, tail, fds to pass
+
+
+def attach_resources(platform) -> HardwareResources:
+    """Give ``platform`` its resource table (``platform.resources``); the Device Manager calls
+    this once, right after building the platform."""
+    platform.resources = HardwareResources(platform)
+    return platform.resources
 
 
 class KernelOps:
@@ -57,101 +78,136 @@ class KernelOps:
 
     # -- entry point from a host channel ----------------------------------------------------
 
-    def host_gone(self, channel) -> None:
-        """Reclaim every resource the host behind ``channel`` held."""
-        resources = getattr(self.dm.platform, "resources", None)
-        if resources is not None:
-            resources.release(channel)
+    def host_gone(self, channel) -> dict:
+        """Reclaim every resource the host behind ``channel`` held; returns what was released."""
+        platform = self.dm.platform
+        resources = getattr(platform, "resources", None) if platform is not None else None
+        if resources is None:
+            return {}
+        return resources.release(channel)
 
     def handle(self, group, channel, device, frame: Frame) -> Result:
+        """One KCALL.  ``channel`` owns what is handed out (a kernel-mode driver passes its device)."""
         kop_raw, a0, a1, a2 = frame.fields
         try:
             kop = KernelOp(kop_raw)
         except ValueError:
             kop = None
         handler = self._handlers.get(kop) if kop is not None else None
-        if device is None or handler is None:
-            reason = f"unknown kernel operation {kop_raw}" if handler is None else "unknown driver"
+        if device is None or handler is None or channel is None:
+            reason = f"unknown kernel operation {kop_raw}" if handler is None else "unknown driver or owner"
             self._deny_audit(group, device, str(kop_raw), {"reason": reason})
             return errno.EPERM, 0, reason.encode(), []
+        op = kop.name.lower()
         try:
-            return handler(group, device, a0, a1, a2, frame.tail)
+            return handler(channel, device, a0, a1, a2, frame.tail)
         except Denied as d:
-            self._deny_audit(group, device, kop.name.lower(), {"args": [a0, a1, a2], "reason": d.reason})
+            self._deny_audit(group, device, op, {"args": [a0, a1, a2], "reason": d.reason})
             return d.code, 0, d.reason.encode()[:1024], []
+        except ResourceError as e:
+            if e.refused:
+                self._deny_audit(group, device, op, {"args": [a0, a1, a2], "reason": e.reason})
+            return e.errno, 0, e.reason.encode()[:1024], []
+        except SimHwError as e:
+            return e.errno, 0, str(e).encode()[:1024], []
 
     def _deny_audit(self, group, device, op: str, detail: dict) -> None:
+        entry = getattr(device, "entry", None)
+        gid = getattr(group, "gid", None) if group is not None else getattr(entry, "group", None)
         self.dm.audit.record("policy.denied", device=getattr(device, "name", None),
-                             driver=getattr(getattr(device, "entry", None), "dll", None),
-                             group=getattr(group, "gid", None), detail={"op": op, **detail})
+                             driver=getattr(entry, "dll", None), group=gid, detail={"op": op, **detail})
 
     @staticmethod
     def _require(decision) -> None:
         if not decision:
             raise Denied(errno.EACCES, decision.reason)
 
-    def _platform(self):
-        if self.dm.platform is None:
+    def _hw(self) -> HardwareResources:
+        platform = self.dm.platform
+        resources = getattr(platform, "resources", None) if platform is not None else None
+        if resources is None:
             raise Denied(errno.ENODEV, "this platform has no (simulated) hardware")
-        return self.dm.platform
+        return resources
 
     # -- handlers: each says why it is safe to do on a less-trusted caller's behalf -----------
 
-    def _log(self, group, device, level, _a1, _a2, tail) -> Result:
+    def _log(self, owner, device, level, _a1, _a2, tail) -> Result:
         """Logging costs us a line of output, rate-limited by the channel; always allowed."""
         log.log(level if level in (10, 20, 30, 40, 50) else logging.INFO, "%s: %s",
                 device.name, tail.decode("utf-8", "replace")[:2000])
         return 0, 0, b"", []
 
-    def _map_io_space(self, group, device, phys, length, _a2, _tail) -> Result:
-        """Only a window the policy grants; the model's register page, never host memory."""
+    def _map_io_space(self, owner, device, phys, length, _a2, _tail) -> Result:
+        """Only a window the policy grants, within one device's window; what the host gets is
+        the model's register page (never our memory), or nothing at all in mediated mode."""
         self._require(decisions.may_map(device.policy, phys, length))
-        platform = self._platform()
         mode = device.policy.register_access
-        return self._platform_call(platform, "map_region", group, device, phys, length, mode)
+        region = self._hw().map_region(owner, device.name, phys, length, mode)
+        info = {"mode": region.mode} if region.fd is None else {"mode": region.mode, "offset": region.offset}
+        return 0, region.handle, json.dumps(info).encode(), [] if region.fd is None else [region.fd]
 
-    def _unmap(self, group, device, handle, _a1, _a2, _tail) -> Result:
-        return self._platform_call(self._platform(), "unmap_region", group, device, handle)
-
-    def _read_register(self, group, device, handle, offset, width, _tail) -> Result:
-        return self._platform_call(self._platform(), "read_register", group, device, handle, offset, width)
-
-    def _write_register(self, group, device, handle, offset, packed, _tail) -> Result:
-        return self._platform_call(self._platform(), "write_register", group, device, handle, offset,
-                                   packed >> 32, packed & 0xFFFFFFFF)
-
-    def _read_port(self, group, device, port, width, _a2, _tail) -> Result:
-        """Ports inside the driver's IoBase/IoLen only, the whole access (port..port+width)."""
-        self._require(decisions.may_port(device.policy, port, width, "r"))
-        value = self._platform().port_read(port, width)
-        return 0, value, b"", []
-
-    def _write_port(self, group, device, port, value, width, _tail) -> Result:
-        self._require(decisions.may_port(device.policy, port, width, "w"))
-        self._platform().port_write(port, value, width)
+    def _unmap(self, owner, device, handle, _a1, _a2, _tail) -> Result:
+        """Only the caller's own handle; forgetting a mapping gives nothing away."""
+        self._hw().unmap_region(owner, device.name, handle)
         return 0, 0, b"", []
 
-    def _interrupt(self, group, device, irq, _a1, _a2, _tail) -> Result:
-        """Only the driver's own Irq/SysIntr; delivered through an eventfd only it holds."""
+    def _read_register(self, owner, device, handle, offset, width, _tail) -> Result:
+        """The caller's own region, the access inside it and inside the policy's window again."""
+        resources = self._hw()
+        phys = resources.region_address(owner, device.name, handle, offset, width)
+        self._require(decisions.may_map(device.policy, phys, width, "r"))
+        return 0, resources.read_register(owner, device.name, handle, offset, width), b"", []
+
+    def _write_register(self, owner, device, handle, offset, packed, _tail) -> Result:
+        width, value = packed >> 32, packed & 0xFFFFFFFF
+        resources = self._hw()
+        phys = resources.region_address(owner, device.name, handle, offset, width)
+        self._require(decisions.may_map(device.policy, phys, width, "rw"))
+        resources.write_register(owner, device.name, handle, offset, width, value)
+        return 0, 0, b"", []
+
+    def _read_port(self, owner, device, port, width, _a2, _tail) -> Result:
+        """Ports inside the driver's IoBase/IoLen only, the whole access (port..port+width), on a
+        device no other driver has claimed."""
+        self._require(decisions.may_port(device.policy, port, width, "r"))
+        return 0, self._hw().read_port(owner, device.name, port, width), b"", []
+
+    def _write_port(self, owner, device, port, value, width, _tail) -> Result:
+        self._require(decisions.may_port(device.policy, port, width, "w"))
+        self._hw().write_port(owner, device.name, port, value, width)
+        return 0, 0, b"", []
+
+    def _interrupt(self, owner, device, irq, _a1, _a2, _tail) -> Result:
+        """Only the driver's own Irq/SysIntr, hooked by nobody else; delivered through an eventfd
+        only this host holds."""
         self._require(decisions.may_interrupt(device.policy, irq))
-        return self._platform_call(self._platform(), "hook_interrupt", group, device, irq)
+        handle, fd = self._hw().hook_interrupt(owner, device.name, irq)
+        return 0, handle, b"", [fd]
 
-    def _interrupt_done(self, group, device, handle, _a1, _a2, _tail) -> Result:
-        return self._platform_call(self._platform(), "interrupt_done", group, device, handle)
+    def _interrupt_done(self, owner, device, handle, _a1, _a2, _tail) -> Result:
+        """Unmasking the caller's own line: the worst it can do is be interrupted again."""
+        self._hw().interrupt_done(owner, device.name, handle)
+        return 0, 0, b"", []
 
-    def _interrupt_close(self, group, device, handle, _a1, _a2, _tail) -> Result:
-        return self._platform_call(self._platform(), "unhook_interrupt", group, device, handle)
+    def _interrupt_close(self, owner, device, handle, _a1, _a2, _tail) -> Result:
+        self._hw().unhook_interrupt(owner, device.name, handle)
+        return 0, 0, b"", []
 
-    def _alloc_dma(self, group, device, size, _a1, _a2, _tail) -> Result:
-        """Within DmaQuota, counting what the driver already holds in this host."""
-        held = self._resources().dma_held(group, device)
-        self._require(decisions.may_alloc_dma(device.policy, size, held))
-        return self._platform_call(self._platform(), "alloc_dma", group, device, size)
+    def _alloc_dma(self, owner, device, size, _a1, _a2, _tail) -> Result:
+        """Within DmaQuota, counting whole pages and what the driver already holds in this host;
+        the memory is a fresh sealed memfd, so nothing of ours or of another driver is in it."""
+        resources = self._hw()
+        held = resources.dma_held(owner, device.name)
+        pages = round_up(size) if type(size) is int and size > 0 else size
+        self._require(decisions.may_alloc_dma(device.policy, pages, held))
+        handle, region, fd = resources.alloc_dma(owner, device.name, size)
+        return 0, handle, json.dumps({"phys": region.phys}).encode(), [fd]
 
-    def _free_dma(self, group, device, handle, _a1, _a2, _tail) -> Result:
-        return self._platform_call(self._platform(), "free_dma", group, device, handle)
+    def _free_dma(self, owner, device, handle, _a1, _a2, _tail) -> Result:
+        self._hw().free_dma(owner, device.name, handle)
+        return 0, 0, b"", []
 
-    def _open_device(self, group, device, flags, _a1, _a2, tail) -> Result:
+    def _open_device(self, owner, device, flags, _a1, _a2, tail) -> Result:
         """The Reflector opens the node itself (O_CLOEXEC|O_NOFOLLOW|O_NOCTTY) and passes the fd."""
         try:
             path = tail.decode("utf-8")
@@ -168,66 +224,29 @@ class KernelOps:
             return exc.errno or errno.EIO, 0, f"{path}: {exc.strerror}".encode(), []
         return 0, 0, b"", [fd]
 
-    # -- the hardware side lives in the platform's resource table -----------------------------
 
-    def _resources(self):
-        platform = self._platform()
-        return platform.resources if hasattr(platform, "resources") else _NoResources()
-
-    def _platform_call(self, platform, name, *args) -> Result:
-        method = getattr(getattr(platform, "resources", None), name, None)
-        if method is None:
-            raise Denied(errno.ENOSYS, f"{name} is not available on this platform yet")
-        return method(*args)
-
-
-class _NoResources:
-    @staticmethod
-    def dma_held(group, device) -> int:
-        return 0
-
-
-class InProcessKernel:
-    """``ctx.kernel`` for a kernel-mode driver: the same checks, called directly."""
+class _DirectChannel:
+    """The transport of a kernel-mode driver's ``ctx.kernel``: the KCALL frame goes straight to
+    ``KernelOps.handle`` in this process.  The fds of the answer are the driver's to keep or
+    close, exactly as those a host receives over SCM_RIGHTS."""
 
     def __init__(self, ops: KernelOps, device):
+        self._ops = ops
+        self._device = device
+
+    def kcall(self, driver_id: int, kop: KernelOp, a0: int = 0, a1: int = 0, a2: int = 0,
+              tail: bytes = b"") -> KernelAnswer:
+        frame = Frame(Op.KCALL, 0, driver_id, (int(kop), a0, a1, a2), bytes(tail))
+        status, value, rtail, fds = self._ops.handle(None, self._device, self._device, frame)
+        return KernelAnswer(status, value, rtail, list(fds))
+
+
+class InProcessKernel(KernelProxy):
+    """``ctx.kernel`` for a kernel-mode driver: the host's ``KernelProxy`` (same Region,
+    Interrupt and DmaBuffer classes, same checks in ``KernelOps``) over a direct transport, so
+    one driver module runs unchanged in both modes.  The owner of its resources is the device."""
+
+    def __init__(self, ops: KernelOps, device):
+        super().__init__(_DirectChannel(ops, device), 0)
         self.ops = ops
         self.device = device
-
-    def log(self, level: int, message: str) -> None:
-        log.log(level if level in (10, 20, 30, 40, 50) else logging.INFO, "%s: %s", self.device.name, message)
-
-    def _call(self, kop: KernelOp, a0=0, a1=0, a2=0, tail=b"") -> tuple[int, bytes, list]:
-        from hosts.wire import Op
-        frame = Frame(Op.KCALL, 0, 0, (int(kop), a0, a1, a2), tail)
-        status, value, rtail, fds = self.ops.handle(None, None, self.device, frame)
-        if status:
-            message = rtail.decode("utf-8", "replace")
-            if status in (errno.EACCES, errno.EPERM):
-                raise PermissionError(status, message)
-            raise OSError(status, message)
-        return value, rtail, fds
-
-    def read_port(self, port: int, width: int = 1) -> int:
-        return self._call(KernelOp.READ_PORT, port, width)[0]
-
-    def write_port(self, port: int, value: int, width: int = 1) -> None:
-        self._call(KernelOp.WRITE_PORT, port, value, width)
-
-    def open_device(self, path: str, mode: str = "r") -> int:
-        flags = {"r": os.O_RDONLY, "w": os.O_WRONLY, "rw": os.O_RDWR}.get(mode)
-        if flags is None:
-            raise ValueError(f"mode {mode!r}: use 'r', 'w' or 'rw'")
-        return self._call(KernelOp.OPEN_DEVICE, flags, tail=path.encode())[2][0]
-
-    def map_io_space(self, phys: int, length: int):
-        raise NotImplementedError("map_io_space for kernel-mode drivers arrives with the simulated platform")
-
-    def interrupt(self, irq: int):
-        raise NotImplementedError("interrupts for kernel-mode drivers arrive with the simulated platform")
-
-    def alloc_dma(self, size: int):
-        raise NotImplementedError("DMA for kernel-mode drivers arrives with the simulated platform")
-
-    def free_dma(self, buf) -> None:
-        raise NotImplementedError("DMA for kernel-mode drivers arrives with the simulated platform")
