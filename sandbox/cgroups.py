@@ -131,6 +131,37 @@ class _Unavailable(Exception):
     pass
 
 
+_STALE = re.compile(r"^drvbox-(\d+)-\d+-")
+
+
+def sweep(parent: Path) -> list[str]:
+    """Remove the empty cgroups a Device Manager that died (SIGKILL, crash) left under ``parent``:
+    those named after a pid that no longer exists.  rmdir refuses a populated one, so a cgroup in
+    use is never touched.  The names removed."""
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        match = _STALE.match(d.name)
+        if not match or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue                       # its owner is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            d.rmdir()
+            removed.append(d.name)
+        except OSError:
+            pass
+    return removed
+
+
 def _create_v2(tag: str, limits: dict[str, str]) -> HostCgroup:
     if not (ROOT / "cgroup.controllers").exists():
         raise _Unavailable(f"v2: {ROOT} is not a cgroup2 mount")
@@ -144,6 +175,7 @@ def _create_v2(tag: str, limits: dict[str, str]) -> HostCgroup:
             raise _Unavailable(f"v2: cannot enable {sorted(needed - enabled)} in {base}: "
                                f"{exc.filename}: {exc.strerror}") from None
     d = base / tag
+    sweep(base)
     try:
         d.mkdir(mode=0o755)
     except OSError as exc:
@@ -174,6 +206,8 @@ def _create_v1(tag: str, limits: dict[str, str]) -> HostCgroup:
             raise _Unavailable(f"v1: no {controller} hierarchy at {mount}")
         dirs[controller] = mount / own[controller].lstrip("/") / tag
     group = HostCgroup(1, {}, {})
+    for d in dirs.values():
+        sweep(d.parent)
     try:
         for controller, d in dirs.items():
             try:

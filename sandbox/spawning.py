@@ -335,6 +335,22 @@ def _pidfd_of_child(pid: int, parent: int) -> int | None:
     return fd
 
 
+def _await_exit(popen: subprocess.Popen, timeout: float) -> None:
+    """Reap the launcher if it exits within ``timeout``; else leave it to _kill_and_reap."""
+    with contextlib.closing(_PidFd(popen.pid)) as fd:
+        if select.select([fd.fd], [], [], timeout)[0]:
+            _, status = os.waitpid(popen.pid, 0)
+            popen.returncode = os.waitstatus_to_exitcode(status)
+
+
+class _PidFd:
+    def __init__(self, pid: int):
+        self.fd = os.pidfd_open(pid)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _kill_and_reap(popen: subprocess.Popen, pidfd: int) -> None:
     if popen.returncode is not None:   # already reaped
         return
@@ -370,6 +386,9 @@ def _handshake(spec: SandboxSpec, ours: socket.socket, popen: subprocess.Popen, 
         if message is None:
             raise _ended_early(spec, popen, undo)
         if "failed" in message:
+            # The failing process exits by itself; let the launcher reap it and end, so that
+            # nothing of the sandbox (nor its cgroup) outlives this call.
+            _await_exit(popen, START_TIMEOUT)
             f = message["failed"]
             step = f.get("step") if f.get("step") in errors.STEPS else "launcher"
             err = f.get("errno") if isinstance(f.get("errno"), int) else None
