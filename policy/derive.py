@@ -209,10 +209,36 @@ def _host(hive, entry: DriverEntry, warnings: list[str]) -> dict | None:
 
 # --- one driver ------------------------------------------------------------------------------
 
+# What it means for the policy that a value the file wrote could not be read (the parser warned
+# already; derivation says what the missing value changes).  Dll and Flags never get here: a key
+# without them readable is refused by find_drivers.
+_UNREAD_CONSEQUENCE = {
+    "userprocgroup": "the driver gets a host of its own instead of sharing its group's",
+    "membase": "no memory window is granted from it", "memlen": "no memory window is granted from it",
+    "iobase": "no port window is granted from it", "iolen": "no port window is granted from it",
+    "irq": "no interrupt is granted from it", "sysintr": "no interrupt is granted from it",
+    "ioctlallow": "every ioctl code is allowed, as without IoctlAllow",
+    "prefix": "the driver has no device name", "index": "the device gets the first free index",
+    "order": "the driver loads last",
+}
+
+
+def _unread_warnings(key) -> list[str]:
+    out = []
+    for unread in key.unread():
+        where = f"{unread.location}: " if unread.location else ""
+        consequence = _UNREAD_CONSEQUENCE.get(unread.name.casefold(), "the policy is derived without it")
+        macro = re.search(r"undefined macro \$\(([A-Za-z_][A-Za-z0-9_]*)\)", unread.reason)
+        fix = f" (fix: -D {macro.group(1)}={'N' if unread.name.casefold() == 'userprocgroup' else 'VALUE'})" \
+            if macro else ""
+        out.append(f'{where}[{key.path}] "{unread.name}" was not read ({unread.reason}): {consequence}{fix}')
+    return out
+
+
 def derive_one(hive, entry: DriverEntry, search_path: Sequence[Path], serial: int, issued: str,
                expires: str | None = None) -> Derived:
     key = hive.key(entry.key_path)
-    warnings: list[str] = []
+    warnings: list[str] = _unread_warnings(key)
     try:
         ref = resolve_module(entry.dll, search_path)
         module = {"path": ref.relative, "kind": ref.kind, "sha256": module_digest(ref)}
@@ -261,11 +287,13 @@ def derive_one(hive, entry: DriverEntry, search_path: Sequence[Path], serial: in
 
 
 def derive(hive, search_path: Sequence[Path], serial: int | None = None, now: datetime | None = None,
-           expires: datetime | None = None) -> list[Derived]:
+           expires: datetime | None = None, errors: list[DerivationError] | None = None) -> list[Derived]:
     """One :class:`Derived` per driver of :func:`find_drivers`, in load order.
 
     ``serial`` defaults to ``int(now.timestamp())``, so deriving again later never looks like a
-    rollback.  Raises DerivationError on the first hard error.
+    rollback.  Raises DerivationError on the first hard error; with ``errors`` given, each driver
+    with a hard error is left out and its error appended there instead (a real BSP often has one
+    key that needs fixing, and that should not hide what the others would be granted).
     """
     now = now or datetime.now(timezone.utc)
     if serial is None:
@@ -273,7 +301,14 @@ def derive(hive, search_path: Sequence[Path], serial: int | None = None, now: da
     if expires is not None and expires <= now:
         raise PolicyError(f"expiry {format_datetime(expires)} is not after the issue time {format_datetime(now)}")
     issued, exp = format_datetime(now), (format_datetime(expires) if expires else None)
-    results = [derive_one(hive, e, search_path, serial, issued, exp) for e in find_drivers(hive)]
+    results = []
+    for entry in find_drivers(hive, errors):
+        try:
+            results.append(derive_one(hive, entry, search_path, serial, issued, exp))
+        except DerivationError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
     _cross_checks(results)
     return results
 

@@ -135,37 +135,75 @@ def _walk(key):
         yield from _walk(sub)
 
 
-def find_drivers(hive) -> list[DriverEntry]:
+def find_drivers(hive, errors: list[DerivationError] | None = None) -> list[DriverEntry]:
     """Every driver key under ``HKLM\\Drivers\\BuiltIn``, sorted by (order, key path).
 
     Only BuiltIn is walked: that is what the Device Manager loads at boot (bus drivers load
     their children from nested keys).  ``Flags`` elsewhere (e.g. storage profiles) is not a driver.
+
+    A key that cannot be read as a driver raises :class:`DerivationError`; with ``errors`` given,
+    the error is appended there instead and that key is left out, so one bad key in a BSP does not
+    hide the others.  A key whose ``Dll`` or ``Flags`` was written but could not be parsed (see
+    :meth:`policy.hive.Key.unread`) is such an error: without them nobody can tell which module it
+    is, or whether it runs sandboxed.
     """
     root = hive.key(BUILTIN_ROOT)
     if root is None:
         return []
     found = []
     for key in _walk(root):
-        if key is root or key.get("Dll") is None:
+        if key is root:
             continue
-        dll = read_string(key, "Dll")
-        if not dll or not dll.strip():
-            _fail(key, key.get("Dll"), "Dll is empty", 'name the driver module, e.g. "Dll"="serial.dll"')
-        flags = read_number(key, "Flags", 0)
-        prefix = read_string(key, "Prefix")
-        if prefix is not None and not _PREFIX.match(prefix.strip()):
-            _fail(key, key.get("Prefix"), f"Prefix {prefix!r} is not three letters or digits starting with a letter",
-                  'use a CE prefix such as "COM"')
-        prefix = prefix.strip() if prefix else None
-        index = read_number(key, "Index")
-        if index is not None and index > 9:
-            _fail(key, key.get("Index"), f"Index {index} is not a single digit; a device name is Prefix + 0..9 + ':'")
-        found.append(dict(key_path=key.path, dll=dll.strip(), prefix=prefix, index=index,
-                          order=read_number(key, "Order", DEFAULT_ORDER), flags=flags,
-                          mode="user" if flags & DEVFLAGS_LOAD_AS_USERPROC else "kernel",
-                          group=read_number(key, "UserProcGroup"),
-                          noload=bool(flags & DEVFLAGS_NOLOAD),
-                          trusted_only=bool(flags & DEVFLAGS_TRUSTEDCALLERONLY)))
+        try:
+            entry = _entry(key)
+        except DerivationError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+            continue
+        if entry is not None:
+            found.append(entry)
+    return _assign_indexes(found)
+
+
+def _unread_fatal(key) -> None:
+    """Refuse a key whose Dll, or a driver key whose Flags, was written but could not be parsed."""
+    for unread in key.unread():
+        name = unread.name.casefold()
+        if name == "dll" or (name == "flags" and key.get("Dll") is not None):
+            what = ("which module the driver is" if name == "dll"
+                    else "whether the driver runs sandboxed (Flags 0x10) or in the Device Manager")
+            macro = re.search(r"undefined macro \$\(([A-Za-z_][A-Za-z0-9_]*)\)", unread.reason)
+            raise DerivationError(key.path, unread.name, f"could not be read ({unread.reason}), so {what} is unknown",
+                                  unread.location, f"-D {macro.group(1)}=VALUE" if macro else "correct the value")
+
+
+def _entry(key) -> dict | None:
+    """The fields of one driver key, or None if the key names no Dll (it is not a driver)."""
+    _unread_fatal(key)
+    if key.get("Dll") is None:
+        return None
+    dll = read_string(key, "Dll")
+    if not dll or not dll.strip():
+        _fail(key, key.get("Dll"), "Dll is empty", 'name the driver module, e.g. "Dll"="serial.dll"')
+    flags = read_number(key, "Flags", 0)
+    prefix = read_string(key, "Prefix")
+    if prefix is not None and not _PREFIX.match(prefix.strip()):
+        _fail(key, key.get("Prefix"), f"Prefix {prefix!r} is not three letters or digits starting with a letter",
+              'use a CE prefix such as "COM"')
+    prefix = prefix.strip() if prefix else None
+    index = read_number(key, "Index")
+    if index is not None and index > 9:
+        _fail(key, key.get("Index"), f"Index {index} is not a single digit; a device name is Prefix + 0..9 + ':'")
+    return dict(key_path=key.path, dll=dll.strip(), prefix=prefix, index=index,
+                order=read_number(key, "Order", DEFAULT_ORDER), flags=flags,
+                mode="user" if flags & DEVFLAGS_LOAD_AS_USERPROC else "kernel",
+                group=read_number(key, "UserProcGroup"),
+                noload=bool(flags & DEVFLAGS_NOLOAD),
+                trusted_only=bool(flags & DEVFLAGS_TRUSTEDCALLERONLY))
+
+
+def _assign_indexes(found: list[dict]) -> list[DriverEntry]:
     found.sort(key=lambda d: (d["order"], d["key_path"].casefold()))
     # Drivers without an Index get the first free one, 1..9 then 0, in load order, as CE assigns them.
     used: dict[str, set[int]] = {}

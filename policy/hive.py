@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-__all__ = ["Location", "Value", "Key", "Hive", "ROOTS", "VALUE_TYPES", "split_path"]
+__all__ = ["Location", "Value", "Unread", "Key", "Hive", "ROOTS", "VALUE_TYPES", "split_path"]
 
 # Root keys by every name a .reg file may use; a path's root is always stored by its long name.
 ROOTS = {
@@ -114,6 +114,16 @@ class Value:
                              f"{', '.join(VALUE_TYPES)} or hex(N) for N not in 1,2,3,4,7,b")
 
 
+@dataclass(frozen=True)
+class Unread:
+    """A value a registry file wrote but the parser could not read (an undefined ``$(MACRO)``,
+    malformed data): it is not in the key, and whoever acts on the key should know it is missing."""
+
+    name: str
+    location: Location | None
+    reason: str
+
+
 def _canonical(value: Value) -> list:
     """Type-tagged JSON-able form of a value, so that different types never encode alike."""
     d = value.data
@@ -167,13 +177,14 @@ def _check_key_name(name: str, path: str) -> None:
 class Key:
     """A registry key: its values (by case-folded name, in insertion order) and its subkeys."""
 
-    __slots__ = ("path", "name", "_values", "_subkeys")
+    __slots__ = ("path", "name", "_values", "_subkeys", "_unread")
 
     def __init__(self, path: str, name: str) -> None:
         self.path = path
         self.name = name
         self._values: dict[str, Value] = {}
         self._subkeys: dict[str, Key] = {}
+        self._unread: dict[str, Unread] = {}
 
     def __repr__(self) -> str:
         return f"<Key {self.path!r}: {len(self._values)} values, {len(self._subkeys)} subkeys>"
@@ -183,6 +194,11 @@ class Key:
 
     def values(self) -> list[Value]:
         return list(self._values.values())
+
+    def unread(self) -> list[Unread]:
+        """Values written for this key that could not be read, unless a later line set or deleted them.
+        They are not part of the key: :meth:`digest` and equality ignore them."""
+        return list(self._unread.values())
 
     def subkeys(self) -> list[Key]:
         return list(self._subkeys.values())
@@ -254,13 +270,21 @@ class Hive:
         again keeps its place in the key's order."""
         if not isinstance(value, Value):
             raise TypeError(f"set_value takes a Value, not {type(value).__name__}")
-        self.ensure_key(path)._values[value.name.casefold()] = value
+        key = self.ensure_key(path)
+        key._values[value.name.casefold()] = value
+        key._unread.pop(value.name.casefold(), None)
+
+    def note_unread(self, path: str, name: str, location: Location | None, reason: str) -> None:
+        """Record that a file wrote value ``name`` of ``path`` but it could not be read.  A value of
+        that name read before stays (a later line that fails does not delete an earlier one)."""
+        self.ensure_key(path)._unread[name.casefold()] = Unread(name, location, reason)
 
     def delete_value(self, path: str, name: str) -> None:
         """Delete a value; deleting what is not there is not an error (as ``"x"=-`` in a .reg)."""
         key = self.key(path)
         if key is not None:
             key._values.pop(name.casefold(), None)
+            key._unread.pop(name.casefold(), None)
 
     def delete_key(self, path: str) -> None:
         """Delete a key and its subkeys; a missing key is not an error (as ``[-KEY]``)."""

@@ -32,9 +32,12 @@ Syntax (DESIGN.md section 2 and issue 2):
 * CE preprocessor lines, evaluated against ``defines`` (``-D NAME=VALUE``) and ``#define``\ s
   (never the process environment, so a parse is reproducible):
 
-  - ``IF X`` / ``IF X !`` / ``ELSE`` / ``ENDIF`` / ``ENDIF X`` / ``ENDIF X !`` (makeimg's forms).
-    ``IF X`` is true when X is set *and not empty*, because ``set X=`` in a CE build window
-    unsets X; ``IF X !`` is its negation;
+  - ``IF X`` / ``IF X=VALUE`` / either followed by `` !`` / ``ELSE`` / ``ENDIF`` / ``ENDIF X``
+    (makeimg's forms, ``IF environment variable [= value] [!]``).  ``IF X`` is true when X is set
+    *and not empty*, because ``set X=`` in a CE build window unsets X; ``IF X=VALUE`` when X's
+    value is VALUE (Compact 7 BSPs test ``IF _TGTPROJ=smartfon !``, ``IF MAKEIMG_BIN_FORMAT=hybrid``);
+    names and values compare case-insensitively, as in the Windows environment makeimg reads;
+    `` !`` negates.  What follows ENDIF is a comment to makeimg; we warn when it names another IF;
   - ``#if``/``#ifdef``/``#ifndef``/``#elif``/``#else``/``#endif`` with C semantics: ``#ifdef X`` is
     true for any defined X, even empty; ``#if`` takes ``defined X``, ``defined(X)``, ``!``, ``&&``,
     ``||``, parentheses, ``== != < > <= >=``, numbers (decimal, ``0x`` hex; leading zeros are
@@ -269,6 +272,20 @@ def _number(word: str) -> int | None:
     return int(m.group(1), 16) if m.group(1) else int(m.group(2), 10)
 
 
+_CE_TEST = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)(?:[ \t]*=[ \t]*([^\s!=]+))?(?:[ \t]*(!))?[ \t]*\Z")
+
+
+def _parse_ce_test(text: str) -> tuple[str, str | None, bool] | None:
+    """makeimg's ``IF NAME [=VALUE] [!]`` test, or None when ``text`` is not one."""
+    m = _CE_TEST.match(text)
+    return (m.group(1), m.group(2), m.group(3) is not None) if m else None
+
+
+def _ce_label(test: tuple[str, str | None, bool]) -> str:
+    name, value, negate = test
+    return f"IF {name}" + (f"={value}" if value is not None else "") + (" !" if negate else "")
+
+
 class _CondEval:
     """Recursive descent over a ``#if`` expression (after ``$(VAR)`` expansion)."""
 
@@ -402,6 +419,22 @@ _UNQUOTED_ASSIGN = re.compile(r"([A-Za-z_][^=\"\[]*?)[ \t]*=")
 _DASH_HINT = "comment it out with ';' or delete it"
 
 
+# The roots of a CE build tree, set by the build window (wince.bat), never by the BSP's files.
+_BUILD_ROOTS = {"_WINCEROOT", "_PUBLICROOT", "_PRIVATEROOT", "_PLATFORMROOT", "_TARGETPLATROOT", "_PROJECTROOT",
+                "_PROJECTOAKROOT", "_FLATRELEASEDIR", "_COMMONPUBROOT", "SG_OUTPUT_ROOT", "_OSDESIGNROOT"}
+
+
+def _macro_hint(name: str) -> str:
+    if name.upper().startswith("PROCGROUP_"):
+        # CE defines these in its own common .reg files, which a BSP does not carry.
+        return (f"-D {name}=N puts the driver in process group N (HKLM\\Drivers\\ProcGroup_000N); "
+                "CE defines it in a .reg file outside the BSP. Without it the driver gets a host of its own")
+    if name.upper() in _BUILD_ROOTS:
+        return (f"$({name}) is a folder of a CE build tree: -D {name}=DIR if you have that tree "
+                "(file names match in any letter case)")
+    return f"define it on the command line (-D {name}=VALUE) or with #define {name} VALUE"
+
+
 class _Parser:
     def __init__(self, hive: Hive, defines: Mapping[str, str] | None, strict: bool,
                  include_dirs: Sequence[str | os.PathLike]) -> None:
@@ -446,8 +479,7 @@ class _Parser:
             out = out + t.sub(last, m.start())
             name, where = m.group(1), t.at(m.start())
             if name not in self.defines:
-                raise _Problem(where, f"undefined macro $({name})",
-                               f"define it on the command line (-D {name}=VALUE) or with #define {name} VALUE")
+                raise _Problem(where, f"undefined macro $({name})", _macro_hint(name))
             if depth >= MAX_MACRO_DEPTH:
                 raise _Problem(where, f"macro $({name}) expands into itself "
                                       f"(more than {MAX_MACRO_DEPTH} levels deep)")
@@ -511,22 +543,17 @@ class _Parser:
         args = line[rest_start:stop].split()
         where = (n, start + 1)
         if word == "IF":
-            if not (len(args) == 1 or (len(args) == 2 and args[1] == "!")) or not _IDENT.match(args[0]):
+            test = _parse_ce_test(line[rest_start:stop])
+            if test is None:
                 # Still open a (false) block, so that its ENDIF is not reported a second time.
                 stack.append(_Cond("IF", line[start:stop].strip(), n, active, True, False))
                 if not active:
                     return
-                raise _Problem((n, rest_start + 1), f"expected 'IF NAME' or 'IF NAME !', found {line[start:stop].strip()!r}",
-                               "CE's IF takes one environment variable, optionally followed by '!'")
-            label = "IF " + " ".join(args)
-            if active:
-                # `set X=` unsets X in a CE build window, so an empty value counts as not set.
-                truth = self.defines.get(args[0], "") != ""
-                if len(args) == 2:
-                    truth = not truth
-            else:
-                truth = False
-            stack.append(_Cond("IF", label, n, active, truth, active and truth))
+                raise _Problem((n, rest_start + 1), f"expected 'IF NAME', 'IF NAME=VALUE' or either followed by "
+                                                    f"' !', found {line[start:stop].strip()!r}",
+                               "CE's IF takes one environment variable, optionally '=VALUE', optionally then '!'")
+            truth = self.ce_truth(test) if active else False
+            stack.append(_Cond("IF", _ce_label(test), n, active, truth, active and truth))
             return
         if not stack or stack[-1].kind != "IF":
             opened = f"; the innermost open block is '{stack[-1].label}' (line {stack[-1].lineno})" if stack else ""
@@ -542,11 +569,26 @@ class _Parser:
             return
         stack.pop()
         if args:
-            named = "IF " + " ".join(args)
-            if named != cond.label:
+            # makeimg ignores what follows ENDIF; we compare it with the IF it closes because a
+            # mismatch is the usual sign of a misplaced ENDIF.
+            test = _parse_ce_test(line[rest_start:stop])
+            named = _ce_label(test) if test is not None else "IF " + " ".join(args)
+            if named.casefold() != cond.label.casefold():
                 self.problem(src, (n, rest_start + 1),
                              f"'ENDIF {' '.join(args)}' closes '{cond.label}' (line {cond.lineno})",
                              "the name after ENDIF should repeat the IF it closes")
+
+    def ce_truth(self, test: tuple[str, str | None, bool]) -> bool:
+        """``IF X`` is true when X is set and not empty (``set X=`` in a CE build window unsets X);
+        ``IF X=V`` when X's value is V.  Names and values compare case-insensitively, as makeimg
+        reads them from the Windows environment.  ``!`` negates either."""
+        name, expected, negate = test
+        value = self.defines.get(name)
+        if value is None:
+            value = next((v for k, v in self.defines.items() if k.casefold() == name.casefold()), None)
+        value = (value or "").strip(" \t")
+        truth = value != "" if expected is None else value.casefold() == expected.casefold()
+        return truth != negate
 
     def directive(self, src: _Source, n: int, start: int, stack: list[_Cond], active: bool) -> str | None:
         line = src.lines[n - 1]
@@ -612,7 +654,10 @@ class _Parser:
             if not im:
                 raise _Problem((n, rest_start + 1), f"expected '#include \"file\"', found {rest!r}")
             offset = rest_text.s.index(rest) + 1
-            return self.expand(rest_text.sub(offset, offset + len(im.group(1) or im.group(2) or ""))).s
+            try:
+                return self.expand(rest_text.sub(offset, offset + len(im.group(1) or im.group(2) or ""))).s
+            except _Problem as p:
+                raise _Problem(p.pos, f"{p.message} in the #include path; the include is skipped", p.hint) from None
         raise _Problem(where, f"unknown directive '#{word}'",
                        "supported: #if #ifdef #ifndef #elif #else #endif #define #undef #include")
 
@@ -769,7 +814,28 @@ class _Parser:
                                "put a [KEY] line before the value")
             return                               # the key line's problem said its values are skipped
         self.check_encoding(src, n, text.s)
-        text = self.expand(text)
+        try:
+            written_name = _parse_name(text)[0]          # for messages, before any expansion
+        except _Problem:
+            written_name = None
+        try:
+            self.value(src, text, written_name)
+        except _Problem as p:
+            if written_name is not None and "$(" not in written_name:
+                # Keep a trace in the hive: derivation must know that a value the author wrote is missing.
+                shown = f'"{written_name}"' if written_name else "@"
+                reason = p.message.removesuffix("; the value is skipped").removesuffix(f" in {shown}")
+                self.hive.note_unread(self.key, written_name, Location(src.name, *text.at(0)), reason)
+            raise
+
+    def value(self, src: _Source, text: _Text, written_name: str | None) -> None:
+        try:
+            text = self.expand(text)
+        except _Problem as p:
+            if written_name is None or not p.message.startswith("undefined macro"):
+                raise
+            shown = f'"{written_name}"' if written_name else "@"
+            raise _Problem(p.pos, f"{p.message} in {shown}; the value is skipped", p.hint) from None
         name, i = _parse_name(text)
         while i < len(text.s) and text.s[i] in " \t":
             i += 1

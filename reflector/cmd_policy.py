@@ -228,13 +228,17 @@ def cmd_derive(args) -> int:
     for diag in parsed.diagnostics:
         print(str(diag), file=sys.stderr)
     search = args.driver_path or list(dict.fromkeys(p.resolve().parent for p in args.reg))
+    errors: list = []
     try:
-        results = derive(parsed.hive, search, serial=args.serial, now=now, expires=expires)
+        results = derive(parsed.hive, search, serial=args.serial, now=now, expires=expires, errors=errors)
     except PolicyError as exc:
         return _err(str(exc))
+    for exc in errors:
+        _err(f"{exc}; no policy written for it")
     if not results:
-        return _err(f"no driver keys (keys with a Dll under HKLM\\Drivers\\BuiltIn) in {', '.join(map(str, args.reg))}; "
-                    "nothing written (fix: check the files, and -D the names their IF/#if blocks need)")
+        if errors:
+            return _err("no policy written: every driver key has an error (above)")
+        return _err(_nothing_found(parsed.hive, args.reg))
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -270,7 +274,23 @@ def cmd_derive(args) -> int:
                 print(f"{'':21}{line}")
         print(f"{len(rows)} policies written to {args.out}, serial {results[0].document['serial']}; "
               f"{sum(len(r.warnings) for r, _ in rows)} warning(s).  Review, then: drvbox policy sign --key KEY {args.out}/*.json")
-    return 0
+        if errors:
+            print(f"{len(errors)} driver key(s) NOT derived: see the errors above")
+    return 1 if errors else 0
+
+
+def _nothing_found(hive, files) -> str:
+    """Why no driver was found, with the keys that look like drivers but are not where drvbox looks."""
+    from policy.drivers import BUILTIN_ROOT
+    elsewhere = [k.path for k in hive.keys() if k.get("Dll") is not None and k.get("Prefix") is not None
+                 and not k.path.casefold().startswith(BUILTIN_ROOT.casefold() + "\\")]
+    msg = (f"no driver keys (keys with a Dll under {BUILTIN_ROOT}) in {', '.join(map(str, files))}; nothing written "
+           "(fix: check the files, and -D the names their IF/#if blocks need")
+    if elsewhere:
+        shown = ", ".join(elsewhere[:5]) + (f" and {len(elsewhere) - 5} more" if len(elsewhere) > 5 else "")
+        msg += (f"; keys with a Dll and a Prefix outside BuiltIn ({shown}) are loaded on CE by another driver "
+                "or ActivateDevice, not at boot: to run one in drvbox, move it under BuiltIn")
+    return msg + ")"
 
 
 # --- sign / verify / show --------------------------------------------------------------------

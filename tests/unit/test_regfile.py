@@ -511,7 +511,7 @@ def test_ce_endif_without_if():
 
 def test_ce_if_malformed():
     d = only_problem(f'[{SERIAL}]\nIF A B C\nENDIF\n')
-    assert d.message == "expected 'IF NAME' or 'IF NAME !', found 'IF A B C'"
+    assert d.message == "expected 'IF NAME', 'IF NAME=VALUE' or either followed by ' !', found 'IF A B C'"
 
 
 def test_ce_second_else():
@@ -605,21 +605,25 @@ def test_macro_in_dword_from_the_command_line():
     assert r.diagnostics == [] and val(r, "UserProcGroup") == 3
 
 
+HINT_PROCGROUP_SERIAL = ("-D PROCGROUP_SERIAL=N puts the driver in process group N (HKLM\\Drivers\\ProcGroup_000N); "
+                         "CE defines it in a .reg file outside the BSP. Without it the driver gets a host of its own")
+
+
 def test_undefined_macro_in_a_value():
     text = f'[{SERIAL}]\n"UserProcGroup"=dword:$(PROCGROUP_SERIAL)\n"Irq"=dword:1\n'
     d = only_problem(text)
-    assert d.message == "undefined macro $(PROCGROUP_SERIAL)"
+    assert d.message == 'undefined macro $(PROCGROUP_SERIAL) in "UserProcGroup"; the value is skipped'
     assert d.location == Location("t.reg", 2, 23)
-    assert d.hint == "define it on the command line (-D PROCGROUP_SERIAL=VALUE) or with #define PROCGROUP_SERIAL VALUE"
+    assert d.hint == HINT_PROCGROUP_SERIAL
     r = parse(text)
     assert val(r, "UserProcGroup") is None and val(r, "Irq") == 1
     with pytest.raises(RegistryError) as err:
         parse(text, strict=True)
     assert str(err.value) == (
-        "t.reg:2:23: undefined macro $(PROCGROUP_SERIAL)\n"
+        't.reg:2:23: undefined macro $(PROCGROUP_SERIAL) in "UserProcGroup"; the value is skipped\n'
         '"UserProcGroup"=dword:$(PROCGROUP_SERIAL)\n'
         "                      ^\n"
-        "hint: define it on the command line (-D PROCGROUP_SERIAL=VALUE) or with #define PROCGROUP_SERIAL VALUE")
+        f"hint: {HINT_PROCGROUP_SERIAL}")
 
 
 def test_undefined_macro_in_a_key_path_skips_the_key():
@@ -630,7 +634,9 @@ def test_undefined_macro_in_a_key_path_skips_the_key():
 
 def test_undefined_macro_inside_another_names_both():
     d = only_problem('#define DRIVERS_DIR $(_PUBLICROOT)\\common\\oak\\drivers\n#include "$(DRIVERS_DIR)\\x.reg"\n')
-    assert d.message == "undefined macro $(_PUBLICROOT) (in $(DRIVERS_DIR))"
+    assert d.message == "undefined macro $(_PUBLICROOT) (in $(DRIVERS_DIR)) in the #include path; the include is skipped"
+    assert d.hint == "$(_PUBLICROOT) is a folder of a CE build tree: -D _PUBLICROOT=DIR if you have that tree " \
+                     "(file names match in any letter case)"
     assert d.location == Location("t.reg", 2, 11)
 
 
@@ -697,7 +703,8 @@ def test_missing_include_is_a_warning_naming_the_path(tmp_path):
 
 def test_include_with_undefined_macro():
     d = only_problem('#include "$(_PUBLICROOT)\\common\\x.reg"\n')
-    assert d.message == "undefined macro $(_PUBLICROOT)" and d.location == Location("t.reg", 1, 11)
+    assert d.message == "undefined macro $(_PUBLICROOT) in the #include path; the include is skipped"
+    assert d.location == Location("t.reg", 1, 11)
 
 
 def test_include_cycle(tmp_path):
@@ -767,10 +774,10 @@ def test_bsp_fixture_parses_with_the_expected_diagnostics():
     assert [(d.location.line, d.location.column, d.message) for d in r.diagnostics] == [
         (97, 18, "line is not UTF-8; read as gbk"),
         (124, 19, "dword data 'Change Me' is not hexadecimal"),
-        (140, 24, "undefined macro $(PROCGROUP_GPIO)"),
+        (140, 24, 'undefined macro $(PROCGROUP_GPIO) in "UserProcGroup"; the value is skipped'),
         (148, 1, "unexpected 'Default=dword:0': expected a [KEY], a value or a comment"),
         (202, 1, "stray line '-----': expected a [KEY], a value or a comment"),
-        (323, 11, "undefined macro $(_PUBLICROOT)"),
+        (323, 11, "undefined macro $(_PUBLICROOT) in the #include path; the include is skipped"),
         (328, 29, "undefined macro $(BSP_KITL_PORT) in condition "
                   "'#if ! defined BSP_NOKITL && $(BSP_KITL_PORT)==2'; treated as false"),
     ]
