@@ -1,13 +1,21 @@
-"""A bank of 32 GPIO pins (``GIO1:`` on the simulated platform).
+"""A GPIO bank driver (``GIO1:`` on the simulated platform): 32 pins, edge interrupts.
 
-Software only for now (issue 5 moves it onto simulated hardware).  Each pin is an input or an
-output (all inputs at start).  An output pin reads back what was last set on it; an input pin
-reads the level the outside world drives, which here is the registry value ``InputLevels``
-(dword bit mask, default 0).  Setting or clearing an input pin changes its output latch only,
-which takes effect when the pin becomes an output.
+The driver maps the bank's registers (``reflector/simhw/gpio.py``) with ``map_io_space`` and
+hooks its IRQ.  It works in ``mapped`` mode (the built-in platform's choice: register reads are
+memory reads, no round trip) and in ``mediated`` mode alike.  In mapped mode the device sees a
+write at the Reflector's next poll of the page (about a millisecond), so after each change the
+driver waits until the device has taken it -- a *fence*: it writes a register that reads 0 (the
+``OUT_SET``/``OUT_CLEAR``/``INT_CLEAR`` registers) and waits until it reads 0 again -- so an
+IOCTL returns only when the pins are as asked.  In mediated mode that wait ends at once.
 
-Registry values: ``InputLevels`` (dword, default 0), ``Directions`` (dword, initial direction
-mask, 1 = output, default 0).
+Each pin is an input or an output (all inputs at reset).  An output pin reads back what was last
+set on it; an input pin reads the level the outside world drives (``drvbox hw gpio-set``).
+Setting or clearing an input pin changes its output latch only, which takes effect when the pin
+becomes an output.
+
+Registry values (of the driver key): ``MemBase`` (dword, required), ``Irq`` (dword; without it
+``IOCTL_GPIO_WAIT_EDGES`` fails with ``ENOTSUP``), ``Directions`` (dword, initial direction mask,
+1 = output, default 0).
 
 Stream interface: ``read`` of at least 4 bytes returns the pin levels as ``<I``; nothing else.
 
@@ -22,13 +30,19 @@ code                           value       input                        output
 ``IOCTL_GPIO_READ_PINS``       0x80002008  none                         ``<I`` pin levels
 ``IOCTL_GPIO_SET_DIRECTION``   0x8000200C  ``<II`` mask, directions     none
 ``IOCTL_GPIO_GET_DIRECTION``   0x80002010  none                         ``<I`` 1 = output
+``IOCTL_GPIO_WAIT_EDGES``      0x80002014  ``<III`` rising, falling,    ``<I`` pins whose
+                                           timeout in ms                edge came (0: timeout)
 =============================  ==========  ===========================  ==================
 
 ``IOCTL_GPIO_SET_DIRECTION`` changes only the pins in ``mask``, each to its bit in ``directions``.
+``IOCTL_GPIO_WAIT_EDGES`` enables edge detection for the given pins (rising on the first mask,
+falling on the second), forgets edges latched before, and waits on the interrupt up to the
+timeout (at most ``MAX_WAIT_MS``) for one of them; one waiter at a time.
 """
 
 import errno
 import threading
+import time
 
 from hosts import DriverError, StreamDriver
 from hosts.ioctl import FILE_DEVICE_VENDOR, FUNCTION_VENDOR, ctl_code, pack_out, unpack_in
@@ -38,45 +52,124 @@ IOCTL_GPIO_CLEAR_PINS = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 1)
 IOCTL_GPIO_READ_PINS = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 2)
 IOCTL_GPIO_SET_DIRECTION = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 3)
 IOCTL_GPIO_GET_DIRECTION = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 4)
+IOCTL_GPIO_WAIT_EDGES = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 5)
 
 PINS = 32
 ALL = (1 << PINS) - 1
+MAX_WAIT_MS = 60_000
+FENCE_TIMEOUT_S = 2.0
+
+# Registers (reflector/simhw/gpio.py).
+DIR, OUT, LEVEL, RISE_EN, FALL_EN = 0x00, 0x04, 0x08, 0x0C, 0x10
+INT_STATUS, INT_CLEAR, OUT_SET, OUT_CLEAR = 0x14, 0x18, 0x1C, 0x20
+REG_SPAN = 0x24
+
+
+def _registry_int(ctx, name, default=None):
+    value = ctx.registry.get(name, default)
+    if type(value) is not int:
+        raise DriverError(errno.EINVAL, f"{ctx.device}: registry value {name} is {value!r}; "
+                                        f"expected a dword (e.g. \"{name}\"=dword:...)")
+    return value
 
 
 class Driver(StreamDriver):
     def init(self, ctx):
-        self.inputs = ctx.registry.get("InputLevels", 0) & ALL
-        self.directions = ctx.registry.get("Directions", 0) & ALL
-        self.latch = 0
+        if ctx.kernel is None:
+            raise DriverError(errno.ENODEV, f"{ctx.device}: no ctx.kernel, so no hardware to drive")
+        self.device = ctx.device
         self.lock = threading.Lock()
-
-    def levels(self) -> int:
+        self.waiting = threading.Lock()
+        self.regs = ctx.kernel.map_io_space(_registry_int(ctx, "MemBase"), REG_SPAN)
+        irq = ctx.registry.get("Irq")
+        self.intr = ctx.kernel.interrupt(_registry_int(ctx, "Irq")) if irq is not None else None
         with self.lock:
-            return (self.latch & self.directions) | (self.inputs & ~self.directions & ALL)
+            self._write(DIR, _registry_int(ctx, "Directions", 0) & ALL)
+
+    def deinit(self):
+        if self.intr is not None:
+            self.intr.close()
+        self.regs.close()
+
+    # -- the bank -----------------------------------------------------------------------------
+
+    def _settle(self, reg):
+        """Wait until the self-clearing register ``reg`` reads 0: the device has taken the write."""
+        deadline = time.monotonic() + FENCE_TIMEOUT_S
+        while self.regs.read32(reg):
+            if time.monotonic() > deadline:
+                raise DriverError(errno.ETIMEDOUT, f"{self.device}: the GPIO bank did not take a write "
+                                                   f"to register {reg:#x} within {FENCE_TIMEOUT_S}s")
+            time.sleep(0.0002)
+
+    def _strobe(self, reg, mask):
+        """Write a self-clearing register (OUT_SET, OUT_CLEAR, INT_CLEAR) and wait for it."""
+        if mask:
+            self.regs.write32(reg, mask)
+            self._settle(reg)
+
+    def _write(self, reg, value):
+        """Write an ordinary register, then fence with a write that changes nothing: clearing
+        output bits that are already clear (or setting all, when all are set)."""
+        self.regs.write32(reg, value)
+        out = self.regs.read32(OUT)
+        if out != ALL:
+            self._strobe(OUT_CLEAR, ~out & ALL)
+        else:
+            self._strobe(OUT_SET, ALL)
+
+    # -- the stream interface -----------------------------------------------------------------
 
     def read(self, opened, out):
-        return pack_out(out, "<I", self.levels())
+        return pack_out(out, "<I", self.regs.read32(LEVEL))
 
     def io_control(self, opened, code, inbuf, outbuf):
         if code == IOCTL_GPIO_SET_PINS:
             (mask,) = unpack_in(inbuf, "<I")
             with self.lock:
-                self.latch |= mask
+                self._strobe(OUT_SET, mask)
             return 0
         if code == IOCTL_GPIO_CLEAR_PINS:
             (mask,) = unpack_in(inbuf, "<I")
             with self.lock:
-                self.latch &= ~mask & ALL
+                self._strobe(OUT_CLEAR, mask)
             return 0
         if code == IOCTL_GPIO_READ_PINS:
             unpack_in(inbuf, "")
-            return pack_out(outbuf, "<I", self.levels())
+            return pack_out(outbuf, "<I", self.regs.read32(LEVEL))
         if code == IOCTL_GPIO_SET_DIRECTION:
             mask, directions = unpack_in(inbuf, "<II")
             with self.lock:
-                self.directions = (self.directions & ~mask & ALL) | (directions & mask)
+                current = self.regs.read32(DIR)
+                self._write(DIR, (current & ~mask & ALL) | (directions & mask))
             return 0
         if code == IOCTL_GPIO_GET_DIRECTION:
             unpack_in(inbuf, "")
-            return pack_out(outbuf, "<I", self.directions)
+            return pack_out(outbuf, "<I", self.regs.read32(DIR))
+        if code == IOCTL_GPIO_WAIT_EDGES:
+            rising, falling, timeout_ms = unpack_in(inbuf, "<III")
+            if len(outbuf) < 4:
+                raise DriverError(errno.ENOBUFS, "IOCTL_GPIO_WAIT_EDGES answers 4 bytes")
+            return pack_out(outbuf, "<I", self._wait_edges(rising, falling, min(timeout_ms, MAX_WAIT_MS) / 1000))
         raise DriverError(errno.ENOTTY, f"unknown IOCTL {code:#010x}")
+
+    def _wait_edges(self, rising, falling, timeout):
+        if self.intr is None:
+            raise DriverError(errno.ENOTSUP, f"{self.device}: no Irq in the registry, so no edge interrupts")
+        wanted = rising | falling
+        with self.waiting:
+            with self.lock:
+                self._write(RISE_EN, rising)
+                self._write(FALL_EN, falling)
+                self._strobe(INT_CLEAR, ALL)              # edges from before the wait do not count
+            deadline = time.monotonic() + timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                fired = self.intr.wait(max(remaining, 0))
+                with self.lock:
+                    latched = self.regs.read32(INT_STATUS)
+                    self._strobe(INT_CLEAR, latched)       # the line drops before InterruptDone
+                if fired:
+                    self.intr.done()
+                if latched & wanted or remaining <= 0:
+                    return latched & wanted

@@ -1,11 +1,28 @@
-"""A loopback UART (``COM1:`` on the simulated platform): what is written can be read back.
+"""A 16550 UART driver (``COM1:`` on the simulated platform), through its port window and IRQ.
 
-Software only for now (issue 5 moves it onto a simulated 16550).  Registry values:
-``BaudRate`` (dword, default 115200; must be one of ``BAUD_RATES``).
+The driver reaches the chip only through ``ctx.kernel``: ``read_port``/``write_port`` on the
+8 registers at ``IoBase`` (each a checked call, so every side effect is exact: reading RBR pops
+the receive FIFO) and ``interrupt(Irq)`` for received data.  It runs unchanged in a sandboxed
+host or in the Device Manager.
 
-Stream interface: ``write`` queues bytes into a FIFO of ``FIFO_SIZE`` bytes (what does not fit is
-not consumed: the count returned is what fitted, and the overrun is flagged); ``read`` returns up
-to ``len(out)`` queued bytes, 0 if none (it never blocks).  ``seek`` is not supported.
+Registry values (of the driver key): ``IoBase`` (dword, required), ``Irq`` (dword, required),
+``BaudRate`` (dword, default 115200; one of ``BAUD_RATES``), ``Loopback`` (dword, default 1).
+
+**Loopback** (``Loopback`` = 1, the built-in platform's choice): MCR bit 4 loops the transmitter
+into the receiver inside the chip, so what an application writes it reads back
+(``drvbox write COM1: hello; drvbox read COM1: 5`` gives ``hello``), and the serial line is
+disconnected.  **Line** (``Loopback`` = 0): written bytes leave on the line (``drvbox hw
+uart-take-tx``), and bytes arriving on it (``drvbox hw uart-feed``) are read.
+
+Receiving: an interrupt service thread waits on the IRQ, drains RBR while LSR.DR into a receive
+buffer of ``FIFO_SIZE`` bytes, and calls ``done()`` (CE's ``InterruptDone``).  When the buffer is
+full the driver stops taking bytes from the chip (IER's receive interrupt off) until ``read``
+makes room, so with the line's flow control nothing is lost.  ``read`` also drains what the chip
+holds, so it returns at once what has arrived; it never blocks (0 if nothing).
+
+Writing: bytes go to THR one by one (the simulated line is infinitely fast: THRE is always set).
+In loopback the receive buffer is the only place they can go: ``write`` consumes at most the room
+left in it, flags ``CE_OVERRUN`` for the rest and returns the count it took.
 
 IOCTLs (CE ``CTL_CODE(FILE_DEVICE_SERIAL_PORT=0x1B, function, METHOD_BUFFERED, FILE_ANY_ACCESS)``,
 the numbers of CE's ``pegdser.h``), all integers little-endian:
@@ -21,7 +38,7 @@ code                            value       input                            out
 
 ``SERIAL_DEV_STATUS`` is 16 bytes, ``<IIII``: ``Errors`` (``CE_OVERRUN`` 0x2 if bytes were lost
 since the last status read; reading clears it), ``Flags`` (0), ``cbInQue`` (bytes waiting to be
-read), ``cbOutQue`` (0: a loopback sends at once).
+read), ``cbOutQue`` (0: the line sends at once).  The baud rate programs the chip's divisor latch.
 """
 
 import errno
@@ -40,33 +57,150 @@ FIFO_SIZE = 4096
 DEFAULT_BAUD = 115200
 BAUD_RATES = frozenset({110, 300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600,
                         115200, 230400, 460800, 921600})
+CLOCK = 115200                          # 1.8432 MHz / 16: divisor = CLOCK // baud
+HW_FIFO = 16                            # the 16550's receive FIFO
+
+# 16550 registers (offsets from IoBase) and bits.
+RBR = THR = DLL = 0
+IER = DLM = 1
+IIR = FCR = 2
+LCR, MCR, LSR, MSR = 3, 4, 5, 6
+IER_RDA, IER_RLS = 0x01, 0x04
+IIR_NONE, IIR_SOURCE = 0x01, 0x0E
+IIR_RLS, IIR_MS = 0x06, 0x00
+FCR_ENABLE_CLEAR = 0x07                 # FIFOs on, both cleared, trigger at 1 byte
+LCR_8N1, LCR_DLAB = 0x03, 0x80
+MCR_DTR, MCR_RTS, MCR_OUT2, MCR_LOOP = 0x01, 0x02, 0x08, 0x10
+LSR_DR, LSR_OE = 0x01, 0x02
+IST_POLL_S = 0.2                        # how often the interrupt thread looks for deinit
+
+
+def _registry_int(ctx, name, default=None):
+    value = ctx.registry.get(name, default)
+    if type(value) is not int:
+        raise DriverError(errno.EINVAL, f"{ctx.device}: registry value {name} is {value!r}; "
+                                        f"expected a dword (e.g. \"{name}\"=dword:...)")
+    return value
 
 
 class Driver(StreamDriver):
     def init(self, ctx):
+        if ctx.kernel is None:
+            raise DriverError(errno.ENODEV, f"{ctx.device}: no ctx.kernel, so no hardware to drive")
         self.device = ctx.device
-        baud = ctx.registry.get("BaudRate", DEFAULT_BAUD)
+        self.kernel = ctx.kernel
+        self.base = _registry_int(ctx, "IoBase")
+        irq = _registry_int(ctx, "Irq")
+        baud = _registry_int(ctx, "BaudRate", DEFAULT_BAUD)
         if baud not in BAUD_RATES:
             raise DriverError(errno.EINVAL, f"{ctx.device} BaudRate {baud!r} is not a standard rate")
-        self.baud = baud
+        self.loopback = bool(_registry_int(ctx, "Loopback", 1))
         self.lock = threading.Lock()
-        self.fifo = bytearray()
+        self.rx = bytearray()
         self.errors = 0
+        self.paused = False
+        with self.lock:
+            self._program(baud)
+        self.intr = self.kernel.interrupt(irq)
+        self.stopping = threading.Event()
+        self.ist = threading.Thread(target=self._ist, name=f"{ctx.device}-ist", daemon=True)
+        self.ist.start()
+
+    def deinit(self):
+        self.stopping.set()
+        self.ist.join(4 * IST_POLL_S)
+        self.intr.close()
+        with self.lock:
+            self._out(IER, 0)
+
+    # -- the chip ---------------------------------------------------------------------------
+
+    def _in(self, reg):
+        return self.kernel.read_port(self.base + reg, 1)
+
+    def _out(self, reg, value):
+        self.kernel.write_port(self.base + reg, value, 1)
+
+    def _program(self, baud):
+        """8N1 at ``baud``, FIFOs on, loopback as configured, receive interrupts on (lock held)."""
+        self._set_baud(baud)
+        self._out(FCR, FCR_ENABLE_CLEAR)
+        self._out(MCR, MCR_DTR | MCR_RTS | MCR_OUT2 | (MCR_LOOP if self.loopback else 0))
+        self._out(IER, IER_RDA | IER_RLS)
+
+    def _set_baud(self, baud):
+        divisor = CLOCK // baud
+        self._out(LCR, LCR_8N1 | LCR_DLAB)
+        self._out(DLL, divisor & 0xFF)
+        self._out(DLM, divisor >> 8)
+        self._out(LCR, LCR_8N1)
+        self.baud = baud
+
+    def _drain(self):
+        """Move what the chip has received into ``rx`` while there is room (lock held)."""
+        while True:
+            lsr = self._in(LSR)
+            if lsr & LSR_OE:
+                self.errors |= CE_OVERRUN
+            if not lsr & LSR_DR:
+                return
+            if len(self.rx) >= FIFO_SIZE:
+                if not self.paused:             # leave it in the chip: the line's flow control holds the rest
+                    self.paused = True
+                    self._out(IER, IER_RLS)
+                return
+            self.rx.append(self._in(RBR))
+
+    def _resume(self):
+        if self.paused and len(self.rx) < FIFO_SIZE:
+            self.paused = False
+            self._out(IER, IER_RDA | IER_RLS)
+
+    def _ist(self):
+        """The interrupt service thread: CE's IST, WaitForSingleObject then InterruptDone."""
+        while not self.stopping.is_set():
+            if not self.intr.wait(IST_POLL_S):
+                continue
+            with self.lock:
+                for _ in range(64):             # every pending source, highest priority first
+                    iir = self._in(IIR)
+                    if iir & IIR_NONE:
+                        break
+                    source = iir & IIR_SOURCE
+                    if source == IIR_RLS:
+                        if self._in(LSR) & LSR_OE:
+                            self.errors |= CE_OVERRUN
+                    elif source == IIR_MS:
+                        self._in(MSR)
+                    elif self.paused:
+                        break
+                    else:                       # received data or receive timeout (THRE: reading IIR cleared it)
+                        self._drain()
+            self.intr.done()
+
+    # -- the stream interface -----------------------------------------------------------------
 
     def write(self, opened, data):
         with self.lock:
-            room = FIFO_SIZE - len(self.fifo)
-            n = min(room, len(data))
-            self.fifo += data[:n]
+            n = min(len(data), FIFO_SIZE - len(self.rx)) if self.loopback else len(data)
+            for i in range(n):
+                self._out(THR, data[i])
+                if self.loopback and (i + 1) % HW_FIFO == 0:
+                    self._drain()               # keep the chip's 16-byte FIFO from overrunning
+            if self.loopback:
+                self._drain()
             if n < len(data):
                 self.errors |= CE_OVERRUN
         return n
 
     def read(self, opened, out):
         with self.lock:
-            n = min(len(out), len(self.fifo))
-            out[:n] = self.fifo[:n]
-            del self.fifo[:n]
+            self._drain()
+            n = min(len(out), len(self.rx))
+            out[:n] = self.rx[:n]
+            del self.rx[:n]
+            self._resume()
+            self._drain()                       # what waited in the chip while the buffer was full
         return n
 
     def io_control(self, opened, code, inbuf, outbuf):
@@ -74,7 +208,8 @@ class Driver(StreamDriver):
             (baud,) = unpack_in(inbuf, "<I")
             if baud not in BAUD_RATES:
                 raise DriverError(errno.EINVAL, f"baud rate {baud} is not supported")
-            self.baud = baud
+            with self.lock:
+                self._set_baud(baud)
             return 0
         if code == IOCTL_SERIAL_GET_BAUD_RATE:
             unpack_in(inbuf, "")
@@ -82,12 +217,15 @@ class Driver(StreamDriver):
         if code == IOCTL_SERIAL_GET_COMMSTATUS:
             unpack_in(inbuf, "")
             with self.lock:
+                self._drain()
                 errors, self.errors = self.errors, 0
-                queued = len(self.fifo)
+                queued = len(self.rx)
             return pack_out(outbuf, "<IIII", errors, 0, queued, 0)
         if code == IOCTL_SERIAL_PURGE:
             unpack_in(inbuf, "<I")
             with self.lock:
-                self.fifo.clear()
+                self.rx.clear()
+                self._out(FCR, FCR_ENABLE_CLEAR)
+                self._resume()
             return 0
         raise DriverError(errno.ENOTTY, f"unknown IOCTL {code:#010x}")

@@ -326,7 +326,7 @@ REGISTRY = (
     driver_key("Serial", "COM", "uart.dll", '"IoBase"=dword:3F8\n"IoLen"=dword:8\n"Irq"=dword:4\n'
                '"MemBase"=dword:10002000\n"MemLen"=dword:8\n"RegisterAccess"="mediated"')
     + driver_key("Disk", "DSK", "ramdisk.dll", '"MemBase"=dword:10000000\n"MemLen"=dword:1000\n"Irq"=dword:E\n'
-                 '"DmaQuota"=dword:3000')
+                 '"DmaQuota"=dword:20000')
     + driver_key("Gpio", "GIO", "gpio.dll", '"MemBase"=dword:10001000\n"MemLen"=dword:24\n"Irq"=dword:9\n'
                  '"RegisterAccess"="mapped"')
     + driver_key("Nothing", "NUL", "gpio.dll", "")
@@ -438,14 +438,14 @@ def test_interrupt_only_the_drivers_own(kernel_mode):
 def test_dma_within_quota_and_over_quota_refused(kernel_mode):
     dm, _, devices = kernel_mode
     k = devices["DSK1:"][1]
-    a = k.alloc_dma(2 * PAGE_SIZE)
-    assert isinstance(a, DmaBuffer) and len(a.view) == 2 * PAGE_SIZE
+    a = k.alloc_dma(0x20000 - PAGE_SIZE)
+    assert isinstance(a, DmaBuffer) and len(a.view) == 0x20000 - PAGE_SIZE
     a.view[:5] = b"hello"
     assert dm.platform.physmem.read(a.phys, 5) == b"hello"                  # the model sees it at phys
-    b = k.alloc_dma(1)                                                        # one page: 3 of 3
+    b = k.alloc_dma(1)                                                        # one page: the quota exactly
     with pytest.raises(PermissionError) as e:
         k.alloc_dma(1)
-    assert "exceeds DmaQuota 12288" in str(e.value)
+    assert "exceeds DmaQuota 131072" in str(e.value)
     k.free_dma(b)
     c = k.alloc_dma(PAGE_SIZE)
     with pytest.raises(PermissionError):
@@ -474,3 +474,202 @@ def test_host_gone_reclaims(kernel_mode):
     assert dm.platform.physmem.regions() == []
     buf._release()                        # the driver's own mapping and fds outlive the reclaim
     os.close(intr.fd)
+
+
+# == part 3: the sample drivers on the simulated hardware, in kernel mode ========================
+
+from reflector.drivers import gpio as gpio_drv                                   # noqa: E402
+from reflector.drivers import ramdisk as disk_drv                                # noqa: E402
+from reflector.drivers import uart as uart_drv                                   # noqa: E402
+
+
+class Log(list):
+    def __call__(self, level, message):
+        self.append(message)
+
+
+@pytest.fixture
+def load(kernel_mode):
+    dm, ops, devices = kernel_mode
+    loaded = []
+
+    def load(name, **registry):
+        device, kernel, values = devices[name]
+        values = {**values, **registry}
+        log = Log()
+        driver = LoadedDriver(name, device.module_path, values, kernel, log)
+        loaded.append(driver)
+        status, h = driver.open(3, 0)
+        assert status == 0
+        return driver, h, log
+    yield load
+    for driver in loaded:
+        driver.unload()
+
+
+def ioctl(d, h, code, inp=b"", out_len=64):
+    out = memoryview(bytearray(out_len))
+    status, n = d.ioctl(h, code, memoryview(inp), out)
+    return status, bytes(out[:n])
+
+
+def read(d, h, n):
+    out = memoryview(bytearray(n))
+    status, got = d.read(h, out)
+    return status, bytes(out[:got])
+
+
+def test_uart_loopback_through_the_16550(load, kernel_mode):
+    d, h, log = load("COM1:")
+    assert d.write(h, memoryview(b"hello")) == (0, 5)
+    assert read(d, h, 3) == (0, b"hel")
+    assert read(d, h, 10) == (0, b"lo")
+    assert read(d, h, 10) == (0, b"")
+    assert d.seek(h, 0, 0) == (errno.EOPNOTSUPP, 0)
+    uart = kernel_mode[0].platform.device("UART1")
+    assert uart.take_tx() == b""                                                # loopback: nothing on the line
+    assert uart.describe()["state"]["loopback"] and uart.describe()["state"]["baud"] == 115200
+    assert log == []
+
+
+def test_uart_line_mode_transmits_and_receives_by_interrupt(load, kernel_mode):
+    d, h, _ = load("COM1:", Loopback=0)
+    uart = kernel_mode[0].platform.device("UART1")
+    assert d.write(h, memoryview(b"to the line")) == (0, 11)
+    assert uart.take_tx() == b"to the line"
+    uart.feed(b"from the line")
+    for _ in range(1000):                                                       # the IST drains it
+        if ioctl(d, h, uart_drv.IOCTL_SERIAL_GET_COMMSTATUS)[1][8:12] == struct.pack("<I", 13):
+            break
+        threading.Event().wait(0.005)
+    assert uart.describe()["state"]["rx_fifo"] == 0
+    assert read(d, h, 100) == (0, b"from the line")
+
+
+def test_uart_line_mode_holds_back_a_flood_with_flow_control(load, kernel_mode):
+    d, h, _ = load("COM1:", Loopback=0)
+    uart = kernel_mode[0].platform.device("UART1")
+    data = bytes(range(256)) * 20                                               # 5120 > FIFO_SIZE
+    assert uart.feed(data) == len(data)
+    got = b""
+    for _ in range(100):
+        got += read(d, h, 1000)[1]
+        if len(got) == len(data):
+            break
+    assert got == data
+
+
+def test_uart_baud_rate_programs_the_divisor(load, kernel_mode):
+    d, h, _ = load("COM1:", BaudRate=9600)
+    uart = kernel_mode[0].platform.device("UART1")
+    assert uart.describe()["state"]["baud"] == 9600
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_GET_BAUD_RATE) == (0, struct.pack("<I", 9600))
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_SET_BAUD_RATE, struct.pack("<I", 57600)) == (0, b"")
+    assert uart.describe()["state"]["baud"] == 57600
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_SET_BAUD_RATE, struct.pack("<I", 12345))[0] == errno.EINVAL
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_GET_BAUD_RATE, out_len=2)[0] == errno.ENOBUFS
+
+
+def test_uart_status_overrun_and_purge(load):
+    d, h, _ = load("COM1:")
+    assert d.write(h, memoryview(b"x" * (uart_drv.FIFO_SIZE + 10))) == (0, uart_drv.FIFO_SIZE)
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_GET_COMMSTATUS) == (
+        0, struct.pack("<IIII", uart_drv.CE_OVERRUN, 0, uart_drv.FIFO_SIZE, 0))
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_GET_COMMSTATUS)[1][:4] == b"\0\0\0\0"
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_PURGE, struct.pack("<I", 0xF)) == (0, b"")
+    assert ioctl(d, h, uart_drv.IOCTL_SERIAL_GET_COMMSTATUS) == (0, bytes(16))
+    assert ioctl(d, h, 0x001B0FFC)[0] == errno.ENOTTY
+
+
+def test_uart_refuses_a_nonstandard_baud_and_a_missing_port(kernel_mode):
+    from hosts.dispatch import LoadError
+    _, _, devices = kernel_mode
+    device, kernel, values = devices["COM1:"]
+    with pytest.raises(LoadError) as info:
+        LoadedDriver("COM1:", device.module_path, {**values, "BaudRate": 1234}, kernel, Log())
+    assert info.value.errno == errno.EINVAL
+    without = {k: v for k, v in values.items() if k.lower() != "iobase"}
+    with pytest.raises(LoadError) as info:
+        LoadedDriver("COM1:", device.module_path, without, kernel, Log())
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("access", ["mapped", "mediated"])
+def test_ramdisk_by_dma_seek_read_write(load, kernel_mode, access):
+    dm = kernel_mode[0]
+    device = kernel_mode[2]["DSK1:"][0]
+    object.__setattr__(device.policy, "register_access", access)
+    d, h, log = load("DSK1:")
+    disk = dm.platform.device("DISK1")
+    size = 65536
+    assert d.write(h, memoryview(b"sector zero")) == (0, 11)
+    assert disk.read_sectors(0, 1)[:11] == b"sector zero"                      # on the device, by DMA
+    assert d.seek(h, 0, 0) == (0, 0)
+    assert read(d, h, 11) == (0, b"sector zero")
+    assert d.seek(h, 510, 0) == (0, 510)
+    assert d.write(h, memoryview(b"span")) == (0, 4)                           # across a sector boundary
+    assert disk.read_sectors(0, 2)[510:514] == b"span"
+    assert d.seek(h, -2, 2) == (0, size - 2)
+    assert d.write(h, memoryview(b"abcd")) == (0, 2)
+    assert d.write(h, memoryview(b"x")) == (errno.ENOSPC, 0)
+    assert read(d, h, 10) == (0, b"")
+    big = os.urandom(size)
+    assert d.seek(h, 0, 0) == (0, 0)
+    assert d.write(h, memoryview(big)) == (0, size)                            # more than one bounce buffer
+    assert disk.read_sectors(0, size // 512) == big
+    assert d.seek(h, 100, 0) == (0, 100)
+    assert read(d, h, size) == (0, big[100:])
+    assert d.seek(h, 1, 2) == (errno.EINVAL, 0)
+    assert ioctl(d, h, disk_drv.IOCTL_DISK_GET_GEOMETRY) == (0, struct.pack("<qIIII", size // 512, 12, 1, 1, 512))
+    assert ioctl(d, h, disk_drv.IOCTL_DISK_GET_LENGTH_INFO) == (0, struct.pack("<q", size))
+    assert log == []
+
+
+def test_ramdisk_handles_have_their_own_position(load):
+    d, h, _ = load("DSK1:")
+    _, other = d.open(0, 0)
+    assert d.write(h, memoryview(b"abc")) == (0, 3)
+    assert read(d, other, 3) == (0, b"abc")
+
+
+def u32(v):
+    return struct.pack("<I", v)
+
+
+@pytest.mark.parametrize("access", ["mapped", "mediated"])
+def test_gpio_outputs_and_inputs_on_the_bank(load, kernel_mode, access):
+    dm = kernel_mode[0]
+    object.__setattr__(kernel_mode[2]["GIO1:"][0].policy, "register_access", access)
+    bank = dm.platform.device("GPIO1")
+    bank.set_input(1, 1)
+    bank.set_input(3, 1)
+    d, h, _ = load("GIO1:")
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_READ_PINS) == (0, u32(0b1010))          # all inputs
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_SET_DIRECTION, struct.pack("<II", 0b0011, 0b0011)) == (0, b"")
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_GET_DIRECTION) == (0, u32(0b0011))
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_READ_PINS) == (0, u32(0b1000))          # outputs low, pin 3 in
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_SET_PINS, u32(0b0101)) == (0, b"")
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_READ_PINS) == (0, u32(0b1001))          # pin 2 is an input
+    assert bank.outputs() == 0b0001
+    assert read(d, h, 4) == (0, u32(0b1001))
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_CLEAR_PINS, u32(0b0001)) == (0, b"")
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_SET_DIRECTION, struct.pack("<II", 0b0100, 0b0100)) == (0, b"")
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_READ_PINS) == (0, u32(0b1100))          # latched pin 2 appears
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_SET_PINS, b"\x01")[0] == errno.EINVAL
+    assert read(d, h, 3)[0] == errno.ENOBUFS
+    assert d.write(h, memoryview(b"x")) == (errno.EOPNOTSUPP, 0)
+    assert ioctl(d, h, 0x80002FFC)[0] == errno.ENOTTY
+
+
+def test_gpio_waits_for_an_edge_by_interrupt(load, kernel_mode):
+    bank = kernel_mode[0].platform.device("GPIO1")
+    d, h, _ = load("GIO1:")
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 7, 0, 0)) == (0, u32(0))
+    timer = threading.Timer(0.05, bank.set_input, (7, 1))
+    timer.start()
+    try:
+        assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 7, 0, 10_000)) == (0, u32(1 << 7))
+    finally:
+        timer.join()
+    bank.set_input(7, 0)                                                         # a falling edge, not asked for
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 7, 0, 0)) == (0, u32(0))
