@@ -574,7 +574,8 @@ class _Parser:
             test = _parse_ce_test(line[rest_start:stop])
             named = _ce_label(test) if test is not None else "IF " + " ".join(args)
             if named.casefold() != cond.label.casefold():
-                self.problem(src, (n, rest_start + 1),
+                name_at = rest_start + len(line[rest_start:]) - len(line[rest_start:].lstrip(" \t"))
+                self.problem(src, (n, name_at + 1),
                              f"'ENDIF {' '.join(args)}' closes '{cond.label}' (line {cond.lineno})",
                              "the name after ENDIF should repeat the IF it closes")
 

@@ -194,3 +194,24 @@ def test_verify_against_registry_catches_changed_module(setup, capsys, tmp_path)
     (drivers / "serial.py").write_text("# changed\n")
     rc, out, _ = run(capsys, *args)
     assert rc == 1 and "REJECTED (module-mismatch)" in out
+
+
+def test_derive_writes_the_good_drivers_and_fails_naming_the_bad_one(tmp_path, capsys):
+    reg = tmp_path / "platform.reg"
+    reg.write_text('[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\Good]\n"Dll"="x.dll"\n"Prefix"="GOO"\n"Flags"=dword:10\n'
+                   '[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\pl050]\n"Dll"="pl050.dll"\n"IoBase"=dword:91060000\n')
+    rc, out, err = run(capsys, "policy", "derive", reg, "-o", tmp_path / "o")
+    assert rc == 1
+    assert f'{reg}:7:1: [HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\pl050] "IoBase": IoBase without IoLen' in err
+    assert "no policy written for it" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["BuiltIn.Good.json"]
+    assert "GOO1:" in out and "1 driver key(s) NOT derived" in out
+
+
+def test_derive_nothing_in_builtin_names_the_driver_keys_elsewhere(tmp_path, capsys):
+    reg = tmp_path / "p.reg"
+    reg.write_text('[HKEY_LOCAL_MACHINE\\Drivers\\DWCUsbHost]\n"Prefix"="HCD"\n"Dll"="dwchci.dll"\n')
+    rc, _, err = run(capsys, "policy", "derive", reg, "-o", tmp_path / "o")
+    assert rc == 1 and "no driver keys" in err
+    assert "outside BuiltIn (HKEY_LOCAL_MACHINE\\Drivers\\DWCUsbHost) are loaded on CE by another driver" in err
+    assert not (tmp_path / "o").exists()

@@ -381,3 +381,68 @@ def test_fixture_platform_derives():
     assert set(ds) == {"COM1:", "GIO1:"}
     assert ds["COM1:"].document["host"]["memory_limit_mib"] == 64 and ds["COM1:"].document["host"]["timeout_ms"] == 5000
     assert ds["GIO1:"].document["driver"]["module"]["kind"] == "package"
+
+
+# --- what real BSPs do (docs/bsp-trials.md) -----------------------------------------------------
+
+BSP_SERIAL = """\
+[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\Serial1]
+    "Flags"=dword:0010            ; User Mode: DEVFLAGS_LOAD_AS_USERPROC
+    "Dll"="Com16550.Dll"
+    "Prefix"="COM"
+    "Index"=dword:1
+    "IoBase"=dword:03F8
+    "IoLen"=dword:8
+    "UserProcGroup"=dword:$(PROCGROUP_DRIVER_MSFT_DEFAULT)
+"""
+
+
+def test_user_mode_driver_with_an_undefined_group_macro_derives_to_a_host_of_its_own_and_says_so():
+    hive = parse_text(BSP_SERIAL, "platform.reg").hive
+    [d] = derive(hive, [DRIVERS], now=NOW)
+    assert d.entry.mode == "user" and d.document["host"]["group"] is None
+    assert d.document["resources"]["ports"] == [{"base": 0x3F8, "length": 8, "access": "rw",
+                                                 "source": "IoBase[0]/IoLen[0]"}]
+    [w] = [w for w in d.warnings if "UserProcGroup" in w]
+    assert w == ('platform.reg:8:5: [HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\Serial1] "UserProcGroup" was not read '
+                 "(undefined macro $(PROCGROUP_DRIVER_MSFT_DEFAULT)): the driver gets a host of its own instead of "
+                 "sharing its group's (fix: -D PROCGROUP_DRIVER_MSFT_DEFAULT=N)")
+
+
+def test_the_group_macro_given_on_the_command_line_is_the_group():
+    hive = parse_text(BSP_SERIAL, "platform.reg", defines={"PROCGROUP_DRIVER_MSFT_DEFAULT": "3"}).hive
+    [d] = derive(hive, [DRIVERS], now=NOW)
+    assert d.document["host"]["group"] == 3 and not any("was not read" in w for w in d.warnings)
+
+
+@pytest.mark.parametrize("written, replacement", [
+    ('"Flags"=dword:0010', '"Flags"=dword:$(MODE)'),
+    ('"Dll"="Com16550.Dll"', '"Dll"="$(MODE).dll"'),
+])
+def test_unreadable_flags_or_dll_is_an_error_because_the_mode_or_module_is_unknown(written, replacement):
+    text = BSP_SERIAL.replace(written, replacement)
+    hive = parse_text(text, "platform.reg", defines={"PROCGROUP_DRIVER_MSFT_DEFAULT": "3"}).hive
+    with pytest.raises(DerivationError) as info:
+        derive(hive, [DRIVERS], now=NOW)
+    assert info.value.value == written[1:written.index('"', 1)] and info.value.fix == "-D MODE=VALUE"
+    assert "could not be read (undefined macro $(MODE))" in str(info.value)
+
+
+def test_with_an_error_list_one_bad_key_does_not_stop_the_others():
+    text = BSP_SERIAL.replace("$(PROCGROUP_DRIVER_MSFT_DEFAULT)", "3") + """
+[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\pl050]
+    "Dll"="pl050.dll"
+    "IoBase"=dword:91060000
+    "Prefix"="KBD"
+[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\Bad]
+    "Dll"="bad.dll"
+    "Prefix"="TOOLONG"
+"""
+    hive = parse_text(text, "platform.reg").hive
+    with pytest.raises(DerivationError):
+        derive(hive, [DRIVERS], now=NOW)
+    errors: list = []
+    [d] = derive(hive, [DRIVERS], now=NOW, errors=errors)
+    assert d.entry.name == "COM1:"
+    assert sorted(e.key_path.rsplit("\\", 1)[1] for e in errors) == ["Bad", "pl050"]
+    assert any(e.value == "IoBase" and "IoBase without IoLen" in e.problem for e in errors)
