@@ -116,9 +116,14 @@ class LoadedDriver:
         if not isinstance(registry, RegistryView):
             registry = RegistryView(registry)
         self.ctx = DriverContext(registry, kernel, device)
-        status, _ = self._call("init", self.ctx)
-        if status:
-            raise LoadError(status, f"{device} init failed with {errno.errorcode.get(status, status)}")
+        try:
+            self._calls["init"](self.ctx)
+        except DriverError as exc:
+            code = _driver_errno(exc) or errno.EIO
+            detail = f": {exc.message}" if exc.message else ""
+            raise LoadError(code, f"{device} init failed with {errno.errorcode.get(code, code)}{detail}") from None
+        except BaseException as exc:
+            raise LoadError(errno.EIO, f"{device} init raised {describe(exc)}") from None
 
     # -- the one place driver code is called --------------------------------------------------
 

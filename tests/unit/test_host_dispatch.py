@@ -10,6 +10,7 @@ import pytest
 from hosts import DriverError, StreamDriver
 from hosts.api import ERROR
 from hosts.dispatch import MAX_OPEN, LoadedDriver, LoadError, describe
+from hosts.ioctl import ctl_code, pack_out, unpack_in
 from hosts.loader import load_module
 from hosts.registry_view import RegistryView, from_wire
 
@@ -328,3 +329,41 @@ def test_stream_driver_defaults():
 def test_driver_error_carries_errno():
     exc = DriverError(errno.EBUSY)
     assert exc.errno == errno.EBUSY and "EBUSY" in str(exc)
+
+
+# -- hosts.ioctl ----------------------------------------------------------------------------------
+
+def test_ctl_code_matches_ce():
+    assert ctl_code(0x1B, 1) == 0x001B0004            # IOCTL_SERIAL_SET_BAUD_RATE
+    assert ctl_code(0x07, 0) == 0x00070000            # IOCTL_DISK_GET_GEOMETRY
+    assert ctl_code(0x07, 0x17, 0, 1) == 0x0007405C   # IOCTL_DISK_GET_LENGTH_INFO
+    with pytest.raises(ValueError):
+        ctl_code(0x10000, 0)
+    with pytest.raises(ValueError):
+        ctl_code(0x22, 0x1000)
+
+
+def test_buffer_helpers_accept_exact_input_and_room_enough():
+    assert unpack_in(memoryview(b"\x01\x00\x00\x00"), "<I") == (1,)
+    out = bytearray(6)
+    assert pack_out(memoryview(out), "<I", 0xAABBCCDD) == 4
+    assert out == b"\xdd\xcc\xbb\xaa\x00\x00"
+
+
+def test_buffer_helpers_refuse_wrong_sizes():
+    with pytest.raises(DriverError) as info:
+        unpack_in(memoryview(b"abc"), "<I")
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(DriverError) as info:
+        pack_out(memoryview(bytearray(3)), "<I", 1)
+    assert info.value.errno == errno.ENOBUFS
+
+
+def test_init_failure_carries_the_drivers_message(tmp_path):
+    (tmp_path / "d.py").write_text(
+        "import errno\nfrom hosts import DriverError\n"
+        "class Driver:\n    def init(self, ctx):\n        raise DriverError(errno.EINVAL, 'IoBase missing')\n")
+    with pytest.raises(LoadError) as info:
+        LoadedDriver("X1:", str(tmp_path / "d.py"), {}, None, Log())
+    assert info.value.errno == errno.EINVAL
+    assert info.value.message == "X1: init failed with EINVAL: IoBase missing"
