@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sandbox.errors import ConfinementError
 
 # Mechanisms a caller may accept as missing.  Anything not named in spec.optional is mandatory.
-OPTIONAL_MECHANISMS = frozenset({"cgroup", "seccomp_notify", "userns"})
+OPTIONAL_MECHANISMS = frozenset({"cgroup", "seccomp_notify"})
 
 # The identity of a host when the spec names none: the traditional "nobody"/"nogroup", which own
 # no file a host could reach.  Non-zero, also inside the user namespace.
