@@ -141,7 +141,8 @@ class SyscallSupervisor:
         self._wake()
 
     def unwatch(self, notify_fd: int) -> None:
-        """Stop serving ``notify_fd``; no report for it starts after this returns."""
+        """Stop serving ``notify_fd``.  A report already being handled completes; no new one
+        starts.  The caller may close ``notify_fd`` at once (the thread polls its own duplicate)."""
         with self._lock:
             w = self._by_caller.pop(notify_fd, None)
             if w is not None and self._by_ours.pop(w.fd, None) is not None:

@@ -235,8 +235,7 @@ class Sandboxed:
                 if self._status is not None:
                     return self._status
                 own = self._own_pidfd
-            ready, _, _ = select.select([own], [], [], timeout)
-            if not ready:
+            if not _readable(own, timeout):
                 raise TimeoutError(f"sandbox {self.name!r} (pid {self.pid}) still running after {timeout} s")
             status = self.poll()
             if status is not None:
@@ -338,9 +337,16 @@ def _pidfd_of_child(pid: int, parent: int) -> int | None:
 def _await_exit(popen: subprocess.Popen, timeout: float) -> None:
     """Reap the launcher if it exits within ``timeout``; else leave it to _kill_and_reap."""
     with contextlib.closing(_PidFd(popen.pid)) as fd:
-        if select.select([fd.fd], [], [], timeout)[0]:
+        if _readable(fd.fd, timeout):
             _, status = os.waitpid(popen.pid, 0)
             popen.returncode = os.waitstatus_to_exitcode(status)
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """poll, not select: a busy Reflector's fds may be numbered past FD_SETSIZE (1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
 
 class _PidFd:
