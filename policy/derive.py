@@ -10,7 +10,12 @@ do, and says so where the registry itself widens it:
 * warnings (strings naming key and value): no IoctlAllow (every code allowed), Syscalls added,
   an IRQ claimed by two drivers, a device name used twice, a module not on the search path
   (its hash is then null and acceptance will refuse the policy), an IoBase beyond the port space
-  (taken as memory-mapped I/O, as CE does on platforms without port I/O), a missing ProcGroup key.
+  (taken as memory-mapped I/O, as CE does on platforms without port I/O), a missing ProcGroup key;
+* values the file wrote but the parser could not read (:meth:`policy.hive.Key.unread`, e.g.
+  ``"UserProcGroup"=dword:$(PROCGROUP_X)`` without ``-D PROCGROUP_X=N``): a warning saying what
+  the missing value changes when it only grants (a window, an IRQ, a shared host), a hard error
+  when it narrows (IoctlAllow, MaxIoSize, RegisterAccess, AllowUsers/AllowGroups; Dll and Flags in
+  find_drivers), because the default would widen what the author wrote.
 """
 
 from __future__ import annotations
@@ -107,8 +112,10 @@ def _windows(key, warnings: list[str]) -> tuple[list[dict], list[dict]]:
             if b + n > 1 << 32:
                 _err(key, "IoLen", f"window {i} 0x{b:X}+0x{n:X} wraps past the end of the 32-bit address space",
                      "correct IoBase or shorten IoLen")
-            warnings.append(f"{_where(key, 'IoBase')}: 0x{b:X} is beyond the port space 0..0xFFFF; granted as a "
-                            "memory-mapped I/O window, as CE does on platforms without port I/O")
+            warning = (f"{_where(key, 'IoBase')}: 0x{b:X} is beyond the port space 0..0xFFFF; granted as a "
+                       "memory-mapped I/O window, as CE does on platforms without port I/O")
+            if warning not in warnings:              # BSPs list one window twice (primary/secondary)
+                warnings.append(warning)
             memory.append({"base": b, "length": n, "access": "rw", "source": f"IoBase[{i}]/IoLen[{i}]"})
     return _check_overlaps(key, "MemBase", memory), _check_overlaps(key, "IoBase", ports)
 
@@ -219,19 +226,31 @@ _UNREAD_CONSEQUENCE = {
     "irq": "no interrupt is granted from it", "sysintr": "no interrupt is granted from it",
     "ioctlallow": "every ioctl code is allowed, as without IoctlAllow",
     "prefix": "the driver has no device name", "index": "the device gets the first free index",
-    "order": "the driver loads last",
+    "order": "the driver loads last", "dmaquota": "no DMA buffers are granted",
+    "devicenodes": "no device node is granted from it", "syscalls": "no system call is added from it",
 }
+# Values that narrow what a driver may do: without them the policy would be wider than the author
+# wrote, so an unreadable one is a hard error, never a default.
+_UNREAD_WIDENS = {"ioctlallow": "every ioctl code would be allowed", "maxiosize": "the default 1 MiB would apply",
+                  "registeraccess": "register pages would be mapped instead of mediated",
+                  "allowusers": "every user could open the device", "allowgroups": "every group could open the device"}
 
 
 def _unread_warnings(key) -> list[str]:
+    """What the values of ``key`` that could not be read change, for the values derivation uses
+    (the parser has reported every one of them already; the others do not change the policy)."""
     out = []
     for unread in key.unread():
-        where = f"{unread.location}: " if unread.location else ""
-        consequence = _UNREAD_CONSEQUENCE.get(unread.name.casefold(), "the policy is derived without it")
+        name = unread.name.casefold()
         macro = re.search(r"undefined macro \$\(([A-Za-z_][A-Za-z0-9_]*)\)", unread.reason)
-        fix = f" (fix: -D {macro.group(1)}={'N' if unread.name.casefold() == 'userprocgroup' else 'VALUE'})" \
-            if macro else ""
-        out.append(f'{where}[{key.path}] "{unread.name}" was not read ({unread.reason}): {consequence}{fix}')
+        fix = f"-D {macro.group(1)}={'N' if name == 'userprocgroup' else 'VALUE'}" if macro else "correct the value"
+        if name in _UNREAD_WIDENS:
+            raise DerivationError(key.path, unread.name, f"could not be read ({unread.reason}), and without it "
+                                  f"{_UNREAD_WIDENS[name]}", unread.location, fix)
+        if name in _UNREAD_CONSEQUENCE:
+            where = f"{unread.location}: " if unread.location else ""
+            out.append(f'{where}[{key.path}] "{unread.name}" was not read ({unread.reason}): '
+                       f"{_UNREAD_CONSEQUENCE[name]} (fix: {fix})")
     return out
 
 
@@ -267,7 +286,8 @@ def derive_one(hive, entry: DriverEntry, search_path: Sequence[Path], serial: in
         "resources": {
             "memory": memory, "ports": ports,
             "irqs": sorted(set(read_numbers(key, "Irq") or [])),
-            "sysintrs": sorted(set(read_numbers(key, "SysIntr") or [])),
+            # SysIntr 0 is CE's SYSINTR_NOP, "no interrupt" (BSPs write it for "not specified").
+            "sysintrs": sorted(set(read_numbers(key, "SysIntr") or []) - {0}),
             "dma_quota": read_number(key, "DmaQuota", 0),
             "device_nodes": _device_nodes(key),
             "register_access": register_access,

@@ -37,7 +37,7 @@ Syntax (DESIGN.md section 2 and issue 2):
     *and not empty*, because ``set X=`` in a CE build window unsets X; ``IF X=VALUE`` when X's
     value is VALUE (Compact 7 BSPs test ``IF _TGTPROJ=smartfon !``, ``IF MAKEIMG_BIN_FORMAT=hybrid``);
     names and values compare case-insensitively, as in the Windows environment makeimg reads;
-    `` !`` negates.  What follows ENDIF is a comment to makeimg; we warn when it names another IF;
+    `` !`` negates.  What follows ENDIF is a comment to makeimg; we warn when it names another variable;
   - ``#if``/``#ifdef``/``#ifndef``/``#elif``/``#else``/``#endif`` with C semantics: ``#ifdef X`` is
     true for any defined X, even empty; ``#if`` takes ``defined X``, ``defined(X)``, ``!``, ``&&``,
     ``||``, parentheses, ``== != < > <= >=``, numbers (decimal, ``0x`` hex; leading zeros are
@@ -272,18 +272,27 @@ def _number(word: str) -> int | None:
     return int(m.group(1), 16) if m.group(1) else int(m.group(2), 10)
 
 
-_CE_TEST = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)(?:[ \t]*=[ \t]*([^\s!=]+))?(?:[ \t]*(!))?[ \t]*\Z")
+_CE_TEST = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)(?:[ \t]*(==|!=|=)[ \t]*([^\s!=]+))?(?:[ \t]*(!))?[ \t]*\Z")
+
+# A CE test: (name, value or None, negate).  'X != V' is stored as the negation of 'X = V'.
+_CeTest = tuple[str, "str | None", bool]
 
 
-def _parse_ce_test(text: str) -> tuple[str, str | None, bool] | None:
-    """makeimg's ``IF NAME [=VALUE] [!]`` test, or None when ``text`` is not one."""
+def _parse_ce_test(text: str) -> _CeTest | None:
+    """makeimg's ``IF NAME [=VALUE] [!]`` test, or None when ``text`` is not one.  Samsung's and
+    other vendors' BSPs also write ``IF X == V`` and ``IF X != V``; they mean what they say."""
     m = _CE_TEST.match(text)
-    return (m.group(1), m.group(2), m.group(3) is not None) if m else None
+    if not m:
+        return None
+    negate = (m.group(2) == "!=") != (m.group(4) is not None)
+    return m.group(1), m.group(3), negate
 
 
-def _ce_label(test: tuple[str, str | None, bool]) -> str:
+def _ce_label(test: _CeTest) -> str:
     name, value, negate = test
-    return f"IF {name}" + (f"={value}" if value is not None else "") + (" !" if negate else "")
+    if value is None:
+        return f"IF {name}" + (" !" if negate else "")
+    return f"IF {name}{'!=' if negate else '='}{value}"
 
 
 class _CondEval:
@@ -549,8 +558,11 @@ class _Parser:
                 stack.append(_Cond("IF", line[start:stop].strip(), n, active, True, False))
                 if not active:
                     return
+                either = "||" in line[rest_start:stop] or "&&" in line[rest_start:stop]
                 raise _Problem((n, rest_start + 1), f"expected 'IF NAME', 'IF NAME=VALUE' or either followed by "
-                                                    f"' !', found {line[start:stop].strip()!r}",
+                                                    f"' !', found {line[start:stop].strip()!r}; the block is skipped",
+                               "CE's IF tests one variable and knows no || or &&: nest two IF blocks, or use "
+                               "#if (e.g. #if !defined(A) || !defined(B))" if either else
                                "CE's IF takes one environment variable, optionally '=VALUE', optionally then '!'")
             truth = self.ce_truth(test) if active else False
             stack.append(_Cond("IF", _ce_label(test), n, active, truth, active and truth))
@@ -569,20 +581,25 @@ class _Parser:
             return
         stack.pop()
         if args:
-            # makeimg ignores what follows ENDIF; we compare it with the IF it closes because a
-            # mismatch is the usual sign of a misplaced ENDIF.
+            # makeimg ignores what follows ENDIF; we compare the variable it names with the IF it
+            # closes, because another name is the usual sign of a misplaced ENDIF.  BSPs often
+            # repeat only the name ('IF X=V' ... 'ENDIF X', 'IF X !' ... 'ENDIF X'): that is fine.
             test = _parse_ce_test(line[rest_start:stop])
-            named = _ce_label(test) if test is not None else "IF " + " ".join(args)
-            if named.casefold() != cond.label.casefold():
+            closes = _parse_ce_test(cond.label[2:])
+            if test is not None and closes is not None:
+                same = test[0].casefold() == closes[0].casefold()
+            else:                                    # a malformed IF repeated as written
+                same = " ".join(args).casefold() == cond.label[2:].strip().casefold()
+            if not same:
                 name_at = rest_start + len(line[rest_start:]) - len(line[rest_start:].lstrip(" \t"))
                 self.problem(src, (n, name_at + 1),
                              f"'ENDIF {' '.join(args)}' closes '{cond.label}' (line {cond.lineno})",
                              "the name after ENDIF should repeat the IF it closes")
 
-    def ce_truth(self, test: tuple[str, str | None, bool]) -> bool:
+    def ce_truth(self, test: _CeTest) -> bool:
         """``IF X`` is true when X is set and not empty (``set X=`` in a CE build window unsets X);
-        ``IF X=V`` when X's value is V.  Names and values compare case-insensitively, as makeimg
-        reads them from the Windows environment.  ``!`` negates either."""
+        ``IF X=V`` (or ``==``) when X's value is V.  Names and values compare case-insensitively, as
+        makeimg reads them from the Windows environment.  ``!`` (and ``!=``) negates."""
         name, expected, negate = test
         value = self.defines.get(name)
         if value is None:

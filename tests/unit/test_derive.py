@@ -446,3 +446,32 @@ def test_with_an_error_list_one_bad_key_does_not_stop_the_others():
     assert d.entry.name == "COM1:"
     assert sorted(e.key_path.rsplit("\\", 1)[1] for e in errors) == ["Bad", "pl050"]
     assert any(e.value == "IoBase" and "IoBase without IoLen" in e.problem for e in errors)
+
+
+@pytest.mark.parametrize("line, words", [
+    ('"IoctlAllow"=multi_sz:"$(CODES)"', "every ioctl code would be allowed"),
+    ('"AllowUsers"=multi_sz:"$(WHO)"', "every user could open the device"),
+    ('"MaxIoSize"=dword:$(SIZE)', "the default 1 MiB would apply"),
+])
+def test_unreadable_narrowing_value_is_an_error_not_a_wider_default(line, words):
+    text = BSP_SERIAL.replace("$(PROCGROUP_DRIVER_MSFT_DEFAULT)", "3") + f"    {line}\n"
+    hive = parse_text(text, "platform.reg").hive
+    with pytest.raises(DerivationError, match=words) as info:
+        derive(hive, [DRIVERS], now=NOW)
+    assert info.value.location == Location("platform.reg", 9, 5) and info.value.fix.startswith("-D ")
+
+
+def test_unreadable_value_derivation_does_not_use_is_left_to_the_parser_warning():
+    text = BSP_SERIAL.replace("$(PROCGROUP_DRIVER_MSFT_DEFAULT)", "3") + '    "FriendlyName"=LOC_DISPLAYNAME_COM1\n'
+    r = parse_text(text, "platform.reg")
+    assert len(r.diagnostics) == 1
+    [d] = derive(r.hive, [DRIVERS], now=NOW)
+    assert not any("FriendlyName" in w for w in d.warnings)
+
+
+def test_sysintr_zero_is_no_interrupt_and_a_window_listed_twice_warns_once():
+    d = one({"SysIntr": 0, "Irq": 0x54, "IoBase": ("0x70300000", "0x70300000"), "IoLen": ("0x1998", "0x1998")})
+    res = d.document["resources"]
+    assert res["sysintrs"] == [] and res["irqs"] == [0x54]
+    assert [(w["base"], w["length"]) for w in res["memory"]] == [(0x70300000, 0x1998)]
+    assert sum("beyond the port space" in w for w in d.warnings) == 1

@@ -511,7 +511,8 @@ def test_ce_endif_without_if():
 
 def test_ce_if_malformed():
     d = only_problem(f'[{SERIAL}]\nIF A B C\nENDIF\n')
-    assert d.message == "expected 'IF NAME', 'IF NAME=VALUE' or either followed by ' !', found 'IF A B C'"
+    assert d.message == "expected 'IF NAME', 'IF NAME=VALUE' or either followed by ' !', found 'IF A B C'; " \
+                        "the block is skipped"
 
 
 def test_ce_second_else():

@@ -55,18 +55,45 @@ def test_if_value_that_is_empty_is_unset():
     assert keys(r) == ["B"]
 
 
-def test_endif_naming_another_test_is_reported_with_both():
-    r = parse("IF _TGTPROJ=uldr\nENDIF _TGTPROJ=uldr !\n")
+def test_endif_naming_another_variable_is_reported_with_both():
+    r = parse("IF _TGTPROJ=uldr\nENDIF BSP_NOUSB !\n")
     [d] = r.diagnostics
-    assert d.message == "'ENDIF _TGTPROJ=uldr !' closes 'IF _TGTPROJ=uldr' (line 1)"
+    assert d.message == "'ENDIF BSP_NOUSB !' closes 'IF _TGTPROJ=uldr' (line 1)"
     assert d.location == Location("t.reg", 2, 7)
 
 
-def test_endif_repeating_its_if_in_other_spacing_or_case_is_fine():
-    assert parse("IF a = B !\nENDIF A=b !\n").diagnostics == []
+@pytest.mark.parametrize("pair", [
+    "IF a = B !\nENDIF A=b !\n",                     # other spacing and case
+    "IF _TGTPROJ=uldr\nENDIF _TGTPROJ=uldr !\n",      # the polarity does not matter to makeimg
+    "IF BSP_USBFNCLASS == SERIAL\nENDIF BSP_USBFNCLASS\n",
+    "IF BSP_ALLOWKITLSHAREDIRQ !\nENDIF BSP_ALLOWKITLSHAREDIRQ\n",
+    "IF BSP_NOCAMERA !\nENDIF BSP_NOCAMERA!\n",
+])
+def test_endif_repeating_the_variable_of_its_if_is_fine(pair):
+    assert parse(pair).diagnostics == []
 
 
-@pytest.mark.parametrize("line", ["IF X=", "IF =1", "IF X=1 2", "IF X==1"])
+@pytest.mark.parametrize("test, defines, expect", [
+    ("BSP_KITL != USBSERIAL", {}, True),                  # unset is not USBSERIAL
+    ("BSP_KITL != USBSERIAL", {"BSP_KITL": "usbserial"}, False),
+    ("BSP_KITL!=SERIAL_UART0", {"BSP_KITL": "USBSERIAL"}, True),
+    ("BSP_USBFNCLASS == SERIAL", {"BSP_USBFNCLASS": "SERIAL"}, True),
+    ("BSP_USBFNCLASS == SERIAL", {"BSP_USBFNCLASS": "MASS_STORAGE"}, False),
+    ("BSP_USBFNCLASS == SERIAL !", {"BSP_USBFNCLASS": "MASS_STORAGE"}, True),
+])
+def test_vendor_equality_operators(test, defines, expect):
+    r = parse(f'IF {test}\n[HKLM\\A]\n"x"=dword:1\nENDIF\n', defines=defines)
+    assert r.diagnostics == [] and keys(r) == (["A"] if expect else [])
+
+
+def test_if_with_or_says_ce_if_has_no_or_and_what_to_write():
+    r = parse('IF BSP_NOHSMMC_CH0 ! || BSP_NOHSMMC_CH1 !\n[HKLM\\A]\n"x"=dword:1\nENDIF BSP_NOHSMMC_CH0 ! || BSP_NOHSMMC_CH1 !\n')
+    [d] = r.diagnostics
+    assert d.message.endswith("found 'IF BSP_NOHSMMC_CH0 ! || BSP_NOHSMMC_CH1 !'; the block is skipped")
+    assert "knows no || or &&" in d.hint and keys(r) == []
+
+
+@pytest.mark.parametrize("line", ["IF X=", "IF =1", "IF X=1 2", "IF X===1", "IF X=1=2"])
 def test_malformed_if_value_is_reported_and_its_block_skipped(line):
     r = parse(f'{line}\n[HKLM\\A]\n"x"=dword:1\nENDIF\n', defines={"X": "1"})
     [d] = r.diagnostics
