@@ -703,6 +703,11 @@ class _Parser:
         where = (n, start + 1)
         found = _resolve_include(target, src.directory, self.include_dirs)
         if found is None:
+            as_path = target.replace("\\", "/")
+            if Path(as_path).is_absolute():
+                # A macro made it absolute: say which file, not which folders (none were searched).
+                raise _Problem(where, f"include file not found: {as_path} (in any letter case); the include is skipped",
+                               "check the folder given with -D for the macro in its path")
             searched = [str(d) for d in ([src.directory] if src.directory else []) + self.include_dirs]
             raise _Problem(where, f"include file not found: '{target}' (searched {', '.join(searched) or 'nothing'})",
                            "pass the folder with include_dirs, or define the macro in its path with -D")

@@ -227,6 +227,7 @@ def cmd_derive(args) -> int:
         return _err(str(exc))
     for diag in parsed.diagnostics:
         print(str(diag), file=sys.stderr)
+    _note_root_bus(parsed.hive)
     search = args.driver_path or list(dict.fromkeys(p.resolve().parent for p in args.reg))
     errors: list = []
     try:
@@ -277,6 +278,18 @@ def cmd_derive(args) -> int:
         if errors:
             print(f"{len(errors)} driver key(s) NOT derived: see the errors above")
     return 1 if errors else 0
+
+
+def _note_root_bus(hive) -> None:
+    """BSPs (TI's OMAP ones) give HKLM\\Drivers\\BuiltIn itself a Dll: CE's root bus enumerator, which
+    loads the keys below it.  drvbox's Device Manager does that job, so the key gets no policy."""
+    from policy.drivers import BUILTIN_ROOT
+    root = hive.key(BUILTIN_ROOT)
+    dll = root.get("Dll") if root is not None else None
+    if dll is not None:
+        where = f"{dll.location}: " if dll.location else ""
+        print(f"note: {where}[{root.path}] \"Dll\" names the root bus driver {dll.data!r}; drvbox's Device Manager "
+              "loads the keys below it itself, so the root key gets no policy", file=sys.stderr)
 
 
 def _nothing_found(hive, files) -> str:

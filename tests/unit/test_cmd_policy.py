@@ -215,3 +215,14 @@ def test_derive_nothing_in_builtin_names_the_driver_keys_elsewhere(tmp_path, cap
     assert rc == 1 and "no driver keys" in err
     assert "outside BuiltIn (HKEY_LOCAL_MACHINE\\Drivers\\DWCUsbHost) are loaded on CE by another driver" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_derive_notes_a_root_bus_dll_and_derives_the_keys_below(tmp_path, capsys):
+    reg = tmp_path / "platform.reg"
+    reg.write_text('[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn]\n"Prefix"="BUS"\n"Dll"="bus.dll"\n'
+                   '[HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn\\DMA]\n"Prefix"="DMA"\n"Dll"="dma.dll"\n'
+                   '"MemBase"=multi_sz:"48056000"\n"MemLen"=multi_sz:"00001000"\n')
+    rc, out, err = run(capsys, "policy", "derive", reg, "-o", tmp_path / "o")
+    assert rc == 0 and "DMA1:" in out and "0x48056000+0x1000 rw" in out
+    assert f"note: {reg}:3:1: [HKEY_LOCAL_MACHINE\\Drivers\\BuiltIn] \"Dll\" names the root bus driver 'bus.dll'" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["BuiltIn.DMA.json"]

@@ -159,3 +159,10 @@ def test_include_through_a_build_root_resolves_in_any_letter_case(tmp_path):
     from policy.regfile import parse_files
     r = parse_files([main], defines={"_TARGETPLATROOT": str(tmp_path), "BSP_UART1": "1"})
     assert r.diagnostics == [] and r.hive.key(KEY).get("Dll").data == "omap_uart.dll"
+
+
+def test_include_made_absolute_by_a_macro_names_the_file_not_search_folders(tmp_path):
+    r = parse('#include "$(ROOT)\\SRC\\DRIVERS\\Serial3\\serial3.reg"\n', defines={"ROOT": str(tmp_path)})
+    [d] = r.diagnostics
+    assert d.message == (f"include file not found: {tmp_path}/SRC/DRIVERS/Serial3/serial3.reg (in any letter case); "
+                         "the include is skipped")
