@@ -75,7 +75,7 @@ class HostChannel:
     def __init__(self, name: str, sandboxed, sock: socket.socket, arena, *,
                  on_kernel_call: Callable, on_violation: Callable[[str, dict], None],
                  on_log: Callable[[int, int, str], None], on_exit: Callable[["HostChannel"], None],
-                 known_drivers: Callable[[], set]):
+                 known_drivers: Callable[[], set], on_dead: Callable[["HostChannel"], None] = lambda c: None):
         self.name = name
         self.sandboxed = sandboxed
         self.sock = sock
@@ -86,6 +86,7 @@ class HostChannel:
         self._on_violation = on_violation
         self._on_log = on_log
         self._on_exit = on_exit
+        self._on_dead = on_dead
         self._known_drivers = known_drivers
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -94,6 +95,7 @@ class HostChannel:
         self._alive = True
         self._killed_for: str | None = None
         self.blamed_drivers: set[int] = set()
+        self.adopted = False          # set by the group once the host serves; before that, a death is a failed start
         self._frames = _TokenBucket(FRAME_RATE_LIMIT)
         self._logs = _TokenBucket(LOG_RATE_LIMIT)
         self._reader = threading.Thread(target=self._read_loop, name=f"host-{name}", daemon=True)
@@ -120,6 +122,18 @@ class HostChannel:
     @property
     def alive(self) -> bool:
         return self._alive
+
+    def abandon(self) -> None:
+        """Kill a host whose reader never started (start-up failed) and release what we hold."""
+        if self._reader.ident is not None:
+            self.kill()                    # the reader cleans up; on_exit sees adopted=False
+            return
+        self._alive = False
+        self.sandboxed.kill()
+        self.sandboxed.wait(timeout=5)
+        self.sandboxed.close()
+        self.sock.close()
+        self.arena.close()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -277,6 +291,8 @@ class HostChannel:
         # Drivers with requests in flight when the host went down: a pooled driver that is
         # always among them is the one crashing its host (see HostGroup).
         self.blamed_drivers = {p.driver_id for p in pending}
+        # The group learns first, so that nobody who hears of the failure finds it "running".
+        self._on_dead(self)
         for p in pending:
             if not p.done.is_set():
                 p.status = -1

@@ -132,7 +132,8 @@ class HostGroup:
         channel = HostChannel(
             f"group {self.gid}", sandboxed, mine, arena,
             on_kernel_call=self._kernel_call, on_violation=self._violation, on_log=self._driver_log,
-            on_exit=self._host_exited, known_drivers=lambda: {d.driver_id for d in self.devices})
+            on_exit=self._host_exited, known_drivers=lambda: {d.driver_id for d in self.devices},
+            on_dead=self._host_dead)
         try:
             channel.wait_ready()
             if sandboxed.notify_fd is not None and self.supervisor is not None:
@@ -144,14 +145,17 @@ class HostGroup:
                 status, _ = channel.call(Op.LOAD, i, (), max_value=0, timeout=max(self.timeout_s, 10.0), tail=tail)
                 if status:
                     raise HostGone(f"driver {device.name} failed to load: {os.strerror(status)}")
+            with self._cond:
+                if not channel.alive:
+                    raise HostGone(f"group {self.gid}: the host died while loading its drivers")
+                channel.adopted = True
+                self.channel = channel
+                self.started_at = time.monotonic()
+                self.state = RUNNING
+                self._cond.notify_all()
         except BaseException:
-            channel.kill()
+            channel.abandon()
             raise
-        with self._cond:
-            self.channel = channel
-            self.started_at = time.monotonic()
-            self.state = RUNNING
-            self._cond.notify_all()
         self.audit.record("host.started", group=self.gid, pid=sandboxed.inner_pid,
                           detail={"devices": [d.name for d in self.devices], "pid": sandboxed.pid,
                                   "start_ms": round((time.monotonic() - t0) * 1000, 1),
@@ -162,8 +166,8 @@ class HostGroup:
 
     def _current(self, opening: bool, ref: OpenRef | None) -> tuple[HostChannel, int]:
         with self._cond:
-            if opening and self.state in (STARTING, RESTARTING):
-                self._cond.wait_for(lambda: self.state not in (STARTING, RESTARTING), self.timeout_s)
+            if opening and self.state in (STARTING, RESTARTING, STOPPED) and not self._stopping:
+                self._cond.wait_for(lambda: self.state not in (STARTING, RESTARTING, STOPPED), self.timeout_s)
             if self.state == QUARANTINED:
                 raise _fail(errno.ENODEV, f"process group {self.gid} is quarantined; `drvbox restart DEV` lifts it")
             if ref is not None and ref.generation != self.generation:
@@ -254,6 +258,15 @@ class HostGroup:
 
     # -- the end of a host, and what comes after -------------------------------------------------
 
+    def _host_dead(self, channel: HostChannel) -> None:
+        """Called the moment the host's channel closes, before anyone in flight hears of it."""
+        with self._cond:
+            if self.channel is channel:
+                self.channel = None
+                self.generation += 1             # every handle opened on it is stale now
+                self.state = STOPPED if self._stopping else RESTARTING
+                self._cond.notify_all()
+
     def _host_exited(self, channel: HostChannel) -> None:
         status = channel.sandboxed.wait(timeout=5)
         # Everything the dead host held (mappings, DMA, interrupts, fds) goes back now: the
@@ -263,16 +276,13 @@ class HostGroup:
             self.supervisor.unwatch(channel.sandboxed.notify_fd)
         channel.arena.close()
         channel.sandboxed.close()
+        if not channel.adopted:
+            return                      # a start that failed: start() reports it
         with self._cond:
-            if self.channel is not channel and self.channel is not None:
-                return                       # an older host; already replaced
-            self.channel = None
-            self.generation += 1             # every handle opened on it is stale now
             if self._stopping:
                 self.state = STOPPED
                 self._cond.notify_all()
                 return
-            self.state = RESTARTING
         now = time.monotonic()
         detail = {"exit_code": status.code, "signal": status.signal, "killed_for": channel.killed_for,
                   "in_flight": sorted(d.name for d in map(self._device, channel.blamed_drivers) if d)}
