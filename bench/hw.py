@@ -106,8 +106,7 @@ _DRIVER = textwrap.dedent('''
                 r.write32(OUT_SET, 1)              # rising edge on pin 0
                 while len(woke) == n:
                     time.sleep(0.00005)
-                if woke[-1] is not None:
-                    samples.append(woke[-1] - t0)
+                samples.append(woke[-1] - t0 if woke[-1] is not None else None)
                 r.write32(OUT_CLEAR, 1)
                 self._settle(OUT_CLEAR)
                 r.write32(INT_CLEAR, 1)
@@ -228,8 +227,10 @@ def summarise(raw: dict) -> dict:
     out = {}
     for name, key in (("MAP1:", "user_mapped"), ("MED1:", "user_mediated"), ("KRN1:", "kernel_mediated")):
         r = raw[name]
+        irq = [x for x in r["irq_ns"] if x is not None]
         out[key] = {"read_us": _median_us(r["read_ns"]), "write_us": _median_us(r["write_ns"]),
-                    "irq_latency_us": _median_us(r["irq_ns"]), "irq_samples": len(r["irq_ns"])}
+                    "irq_latency_us": _median_us(irq), "irq_samples": len(irq),
+                    "irq_missed": len(r["irq_ns"]) - len(irq)}
         if "port_read_ns" in r:
             out[key]["port_read_us"] = _median_us(r["port_read_ns"])
 
