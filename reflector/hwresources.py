@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from reflector.simhw.errors import SimHwError
-from reflector.simhw.physmem import DmaRegion, round_up
+from reflector.simhw.physmem import DmaRegion
 
 __all__ = ["HardwareResources", "Holder", "MappedRegion", "ResourceError",
            "POLL_INTERVAL_S", "MAX_REGIONS", "MAX_DMA_BUFFERS"]
