@@ -32,6 +32,7 @@ LOG_RATE_LIMIT = 200          # LOG frames per second; more is a flood
 MAX_FDS_PER_FRAME = 4         # we read this many so that we can close what a host smuggles in
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
 READY_TIMEOUT_S = 10.0
+EXIT_GRACE_S = 2.0            # how long a host that closed its channel has to finish exiting
 
 
 class HostGone(Exception):
@@ -94,6 +95,7 @@ class HostChannel:
         self._send_lock = threading.Lock()
         self._alive = True
         self._killed_for: str | None = None
+        self._killed = False
         self.blamed_drivers: set[int] = set()
         self.adopted = False          # set by the group once the host serves; before that, a death is a failed start
         self._frames = _TokenBucket(FRAME_RATE_LIMIT)
@@ -276,6 +278,7 @@ class HostChannel:
 
     def kill(self) -> None:
         """Kill the host; the reader thread notices and cleans up."""
+        self._killed = True
         try:
             self.sandboxed.kill()
         finally:
@@ -297,6 +300,14 @@ class HostChannel:
             if not p.done.is_set():
                 p.status = -1
                 p.done.set()
+        if not self._killed:
+            # It went by itself: let it finish dying, so that the status we report (a signal, an
+            # exit code) is its own and not our SIGKILL.  A host that only closed its channel is
+            # killed after this grace.
+            try:
+                self.sandboxed.wait(timeout=EXIT_GRACE_S)
+            except TimeoutError:
+                pass
         self.sandboxed.kill()
         try:
             self._on_exit(self)
