@@ -43,7 +43,8 @@ Syntax (DESIGN.md section 2 and issue 2):
     ``||``, parentheses, ``== != < > <= >=``, numbers (decimal, ``0x`` hex; leading zeros are
     decimal, because CE writes locale ids as ``0409``), ``$(VAR)`` and bare names (an undefined
     bare name is 0, as in C; an undefined ``$(VAR)`` makes the condition unevaluable);
-  - ``#define NAME value`` (surrounding quotes are removed), ``#undef NAME``;
+  - ``#define NAME value`` (kept as written, quotes included, as in C; a quoted value used inside a
+    string, ``"$(NAME)"``, loses its own quotes there), ``#undef NAME``;
   - ``#include "path"`` with ``$(X)`` expanded and ``\`` read as ``/``, resolved against the
     including file's folder and then ``include_dirs``, matching names case-insensitively when the
     exact spelling is missing (BSPs come from case-insensitive file systems);
@@ -211,6 +212,19 @@ class _Text:
     def sub(self, a: int, b: int | None = None) -> _Text:
         b = len(self.s) if b is None else b
         return _Text(self.s[a:b], self.pos[a:b], self.at(b))
+
+
+def _inside_string(s: str, stop: int) -> bool:
+    """Whether ``s[stop]`` is inside a double-quoted string (``\\"`` and ``\\\\`` are escapes)."""
+    quoted, i = False, 0
+    while i < stop:
+        if quoted and s[i] == "\\":
+            i += 2
+            continue
+        if s[i] == '"':
+            quoted = not quoted
+        i += 1
+    return quoted
 
 
 def _comment_start(line: str, start: int = 0) -> tuple[int, bool]:
@@ -493,6 +507,8 @@ class _Parser:
                 raise _Problem(where, f"macro $({name}) expands into itself "
                                       f"(more than {MAX_MACRO_DEPTH} levels deep)")
             body = self.defines[name]
+            if len(body) >= 2 and body[0] == body[-1] == '"' and _inside_string(t.s, m.start()):
+                body = body[1:-1]
             try:
                 out = out + self.expand(_Text(body, [where] * len(body), where), depth + 1)
             except _Problem as p:
@@ -657,10 +673,10 @@ class _Parser:
             if dm.group(2):
                 raise _Problem(where, f"function-like macro {dm.group(1)}(...) is not supported",
                                "a .reg #define takes a plain value: #define NAME value")
-            value = rest[dm.end():].strip(" \t")
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            self.defines[dm.group(1)] = value
+            # The body is kept as written, quotes included, as C's preprocessor keeps it: Datalight's
+            # .reg files write multi_sz:$(GUID_A), $(GUID_B) with quoted GUID macros.  A quoted body
+            # used inside a string ("$(NAME)") loses its quotes there (see expand).
+            self.defines[dm.group(1)] = rest[dm.end():].strip(" \t")
             return None
         if word == "undef":
             if not _IDENT.match(rest):

@@ -166,3 +166,20 @@ def test_include_made_absolute_by_a_macro_names_the_file_not_search_folders(tmp_
     [d] = r.diagnostics
     assert d.message == (f"include file not found: {tmp_path}/SRC/DRIVERS/Serial3/serial3.reg (in any letter case); "
                          "the include is skipped")
+
+
+def test_quoted_define_is_a_quoted_string_where_used_bare_and_plain_text_inside_a_string():
+    r = parse('#define BLOCK_GUID "{A4E7EDDA-E575-4252-9D6B-4195D48BB865}"\n'
+              '#define PM_GUID    "{8DD679CE-8AB4-43C8-A14A-EA4963FAA715}"\n'
+              f'[{KEY}]\n"IClass"=multi_sz:$(BLOCK_GUID), $(PM_GUID)\n"Name"="$(BLOCK_GUID)"\n'
+              '"Both"="guid $(BLOCK_GUID)"\n')
+    key = r.hive.key(KEY)
+    assert r.diagnostics == []
+    assert key.get("IClass").data == ("{A4E7EDDA-E575-4252-9D6B-4195D48BB865}", "{8DD679CE-8AB4-43C8-A14A-EA4963FAA715}")
+    assert key.get("Name").data == "{A4E7EDDA-E575-4252-9D6B-4195D48BB865}"
+    assert key.get("Both").data == "guid {A4E7EDDA-E575-4252-9D6B-4195D48BB865}"
+
+
+def test_quoted_define_compares_as_a_string_in_if():
+    r = parse('#define KBD "kbdmouse.dll"\n#if $(KBD)=="kbdmouse.dll"\n[HKLM\\A]\n"x"=dword:1\n#endif\n')
+    assert r.diagnostics == [] and keys(r) == ["A"]
