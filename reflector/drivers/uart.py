@@ -24,6 +24,14 @@ Writing: bytes go to THR one by one (the simulated line is infinitely fast: THRE
 In loopback the receive buffer is the only place they can go: ``write`` consumes at most the room
 left in it, flags ``CE_OVERRUN`` for the rest and returns the count it took.
 
+**A real serial device** (``DevicePath``, e.g. a pseudo-terminal ``/dev/pts/3`` or ``/dev/ttyS0``,
+which the policy's ``DeviceNodes`` must list with ``:rw``): instead of the simulated chip, the
+driver asks the Reflector to open the node (``open_device``) and reads and writes the fd it is
+passed (non-blocking: ``read`` returns what has arrived, ``write`` what the device took).  No port
+window or IRQ is needed then, and the line settings are the device's own (the baud rate IOCTLs
+only record the rate: setting it would be a terminal ioctl, which the host's seccomp lets through
+only when ``DeviceNodes`` names it).
+
 IOCTLs (CE ``CTL_CODE(FILE_DEVICE_SERIAL_PORT=0x1B, function, METHOD_BUFFERED, FILE_ANY_ACCESS)``,
 the numbers of CE's ``pegdser.h``), all integers little-endian:
 
@@ -42,6 +50,7 @@ read), ``cbOutQue`` (0: the line sends at once).  The baud rate programs the chi
 """
 
 import errno
+import os
 import threading
 
 from hosts import DriverError, StreamDriver
@@ -89,6 +98,10 @@ class Driver(StreamDriver):
             raise DriverError(errno.ENODEV, f"{ctx.device}: no ctx.kernel, so no hardware to drive")
         self.device = ctx.device
         self.kernel = ctx.kernel
+        path = ctx.registry.get("DevicePath")
+        if path is not None:
+            return self._init_device(ctx, path)
+        self.fd = None
         self.base = _registry_int(ctx, "IoBase")
         irq = _registry_int(ctx, "Irq")
         baud = _registry_int(ctx, "BaudRate", DEFAULT_BAUD)
@@ -106,7 +119,22 @@ class Driver(StreamDriver):
         self.ist = threading.Thread(target=self._ist, name=f"{ctx.device}-ist", daemon=True)
         self.ist.start()
 
+    def _init_device(self, ctx, path):
+        if not isinstance(path, str):
+            raise DriverError(errno.EINVAL, f"{ctx.device}: DevicePath is {path!r}; expected a string")
+        baud = _registry_int(ctx, "BaudRate", DEFAULT_BAUD)
+        if baud not in BAUD_RATES:
+            raise DriverError(errno.EINVAL, f"{ctx.device} BaudRate {baud!r} is not a standard rate")
+        self.baud = baud
+        self.lock = threading.Lock()
+        self.errors = 0
+        self.fd = self.kernel.open_device(path, os.O_RDWR | os.O_NONBLOCK)
+
     def deinit(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            return
         self.stopping.set()
         self.ist.join(4 * IST_POLL_S)
         self.intr.close()
@@ -181,6 +209,11 @@ class Driver(StreamDriver):
     # -- the stream interface -----------------------------------------------------------------
 
     def write(self, opened, data):
+        if self.fd is not None:
+            try:
+                return os.write(self.fd, data)
+            except BlockingIOError:
+                return 0
         with self.lock:
             n = min(len(data), FIFO_SIZE - len(self.rx)) if self.loopback else len(data)
             for i in range(n):
@@ -194,6 +227,11 @@ class Driver(StreamDriver):
         return n
 
     def read(self, opened, out):
+        if self.fd is not None:
+            try:
+                return os.readv(self.fd, [out])
+            except BlockingIOError:
+                return 0
         with self.lock:
             self._drain()
             n = min(len(out), len(self.rx))
@@ -209,7 +247,9 @@ class Driver(StreamDriver):
             if baud not in BAUD_RATES:
                 raise DriverError(errno.EINVAL, f"baud rate {baud} is not supported")
             with self.lock:
-                self._set_baud(baud)
+                if self.fd is None:
+                    self._set_baud(baud)
+                self.baud = baud
             return 0
         if code == IOCTL_SERIAL_GET_BAUD_RATE:
             unpack_in(inbuf, "")
@@ -217,12 +257,15 @@ class Driver(StreamDriver):
         if code == IOCTL_SERIAL_GET_COMMSTATUS:
             unpack_in(inbuf, "")
             with self.lock:
-                self._drain()
+                if self.fd is None:
+                    self._drain()
                 errors, self.errors = self.errors, 0
-                queued = len(self.rx)
+                queued = len(self.rx) if self.fd is None else 0
             return pack_out(outbuf, "<IIII", errors, 0, queued, 0)
         if code == IOCTL_SERIAL_PURGE:
             unpack_in(inbuf, "<I")
+            if self.fd is not None:
+                return 0                        # tcflush would be a terminal ioctl: see DevicePath
             with self.lock:
                 self.rx.clear()
                 self._out(FCR, FCR_ENABLE_CLEAR)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,33 @@ def test_sample_drivers_on_the_simulated_hardware(start_dm):
             h.ioctl(0x8000200C, struct.pack("<II", 0x3, 0x3))
             h.ioctl(0x80002000, struct.pack("<I", 0x1))
             assert h.ioctl(0x80002008, b"", out_size=4) == struct.pack("<I", 0x1)
+
+
+def test_uart_driver_on_a_real_pseudo_terminal(start_dm):
+    """The same uart.py, given DevicePath: the Reflector opens the pty (DeviceNodes) and passes
+    the fd into the sandboxed host, which cannot open it itself."""
+    import os
+    import tty
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        path = os.ttyname(slave)
+        text = (reg_driver("Serial", "COM", "uart.dll", group=1,
+                           extra=f'"DevicePath"="{path}"\n"DeviceNodes"=multi_sz:"{path}:rw"\n'
+                                 '"IoctlAllow"=multi_sz:"0x001B0004","0x001B004C","0x001B0050","0x001B006C"')
+                + reg_group(1))
+        dm = start_dm(text, driver_dirs=(SAMPLES,))
+        with dm.client() as c, c.open("COM1:") as h:
+            assert h.write(b"out") == 3
+            assert os.read(master, 10) == b"out"
+            os.write(master, b"in")
+            got = b""
+            for _ in range(200):
+                got += h.read(10)
+                if got == b"in":
+                    break
+                threading.Event().wait(0.01)
+            assert got == b"in"
+    finally:
+        os.close(master)
+        os.close(slave)

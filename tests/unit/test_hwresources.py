@@ -673,3 +673,49 @@ def test_gpio_waits_for_an_edge_by_interrupt(load, kernel_mode):
         timer.join()
     bank.set_input(7, 0)                                                         # a falling edge, not asked for
     assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 7, 0, 0)) == (0, u32(0))
+
+
+def kernel_driver(platform, text: str, name: str):
+    """One kernel-mode driver of ``text`` (a registry fragment) with its InProcessKernel."""
+    dm = FakeDM(platform)
+    hive = parse_text(text).hive
+    entry = next(e for e in find_drivers(hive) if e.name == name)
+    document = derive_one(hive, entry, [SAMPLES], 1, format_datetime(datetime.now(timezone.utc))).document
+    device = KernelDevice(entry, Policy.trusted(document), str(SAMPLES / "uart.py"), dm.audit, loaded=None)
+    values = {v.name: v.data for v in hive.key(entry.key_path).values()}
+    return dm, device, InProcessKernel(KernelOps(dm), device), values
+
+
+def test_uart_on_a_real_pseudo_terminal_through_open_device(plat):
+    import tty
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        path = os.ttyname(slave)
+        text = driver_key("Serial", "COM", "uart.dll", f'"DevicePath"="{path}"\n"DeviceNodes"=multi_sz:"{path}:rw"')
+        dm, device, kernel, values = kernel_driver(plat, text, "COM1:")
+        d = LoadedDriver("COM1:", device.module_path, values, kernel, Log())
+        _, h = d.open(3, 0)
+        assert d.write(h, memoryview(b"to the pty")) == (0, 10)
+        assert os.read(master, 100) == b"to the pty"
+        assert read(d, h, 10) == (0, b"")                                        # nothing yet: no blocking
+        os.write(master, b"from the pty")
+        got = b""
+        for _ in range(100):
+            got += read(d, h, 100)[1]
+            if got == b"from the pty":
+                break
+            threading.Event().wait(0.01)
+        assert got == b"from the pty"
+        d.unload()
+        # Without the node in DeviceNodes the Reflector refuses to open it.
+        text = driver_key("Serial", "COM", "uart.dll", f'"DevicePath"="{path}"')
+        dm, device, kernel, values = kernel_driver(plat, text, "COM1:")
+        log = Log()
+        from hosts.dispatch import LoadError
+        with pytest.raises(LoadError) as info:
+            LoadedDriver("COM1:", device.module_path, values, kernel, log)
+        assert "PermissionError: [Errno 13] OPEN_DEVICE denied" in info.value.message and dm.audit.denied()[0]["detail"]["op"] == "open_device"
+    finally:
+        os.close(master)
+        os.close(slave)
