@@ -101,7 +101,14 @@ class DeviceManager:
             policies, trust = devkeys.builtin_policies(cfg.state_dir, self.hive, search_path)
         else:
             policies, trust = cfg.policies, cfg.trust
-        entries = [e for e in find_drivers(self.hive) if not e.noload]
+        key_errors: list = []
+        entries = [e for e in find_drivers(self.hive, errors=key_errors) if not e.noload]
+        for err in key_errors:
+            # A driver key we cannot read is not loaded -- never loaded with defaults wider than
+            # what its file meant -- and the others go on.
+            log.error("%s", err)
+            self.audit.record("policy.rejected", detail={"reason": "registry", "detail": str(err),
+                                                         "key": getattr(err, "key_path", None)})
         needs_policy = [e for e in entries if e.mode == "user"]
         if needs_policy and (policies is None or trust is None):
             raise SystemExit("drvbox run: user-mode drivers need signed policies: give --policies DIR and --trust DIR "

@@ -1,3 +1,3 @@
 """`drvbox hw` commands: one command set, kept with the models in ``reflector.simhw.commands``."""
 
-from reflector.simhw.commands import VERBS, run_hw_command  # noqa: F401
+from reflector.simhw.commands import run_hw_command  # noqa: F401
