@@ -58,7 +58,28 @@ def _probe_cgroup() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _probe_sandbox() -> str | None:
+    """Everything a host needs, asked the only honest way: by confining a real process once."""
+    for probe in (_probe_seccomp_notify, _probe_cgroup):
+        missing = probe()
+        if missing:
+            return missing
+    if os.geteuid() != 0:
+        missing = _probe_userns()
+        if missing:
+            return missing
+    code = ("import sys; from sandbox import spawn, SandboxSpec\n"
+            "s = spawn(SandboxSpec(name='probe'), 'sandbox.probe:idle', {}, [])\n"
+            "s.wait(30); s.close()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    if result.returncode:
+        return "a sandbox cannot be started here: " + (result.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
 PROBES = {
+    "needs_sandbox": _probe_sandbox,
     "needs_userns": _probe_userns,
     "needs_seccomp_notify": _probe_seccomp_notify,
     "needs_root": _probe_root,
