@@ -160,6 +160,20 @@ class Handle:
         _, data = self.dm._call(cw.Op.READ, self.handle, size, 0)
         return data
 
+    def readinto(self, buffer) -> int:
+        """Read into a writable buffer (bytearray, memoryview, mmap) of the size wanted; returns the
+        count.  Saves the allocation of a new bytes object per read: for bulk transfers."""
+        target = memoryview(buffer).cast("B")
+        size = len(target)
+        if size > SHM_THRESHOLD:
+            with self.dm._lock_shm(size) as view:
+                n, _ = self.dm._call(cw.Op.READ, self.handle, size, 0, flags=cw.FLAG_SHM)
+                target[:n] = view[:n]
+                return n
+        _, data = self.dm._call(cw.Op.READ, self.handle, size, 0)
+        target[:len(data)] = data
+        return len(data)
+
     def write(self, data: bytes) -> int:
         data = memoryview(data).cast("B")
         if len(data) > SHM_THRESHOLD:

@@ -11,14 +11,24 @@ def register(sub) -> None:
         "bench", help="measure request latency and throughput against this machine's floors",
         description="Measures floors (socket ping-pong over one and two hops, memcpy, python start-up), "
                     "then starts a real Device Manager with a sandboxed host and measures IOCTLs in kernel "
-                    "and user mode, 1 MiB reads, host start and restart.  Reports ratios; medians throughout.")
+                    "and user mode, 1 MiB reads, host start and restart.  Reports ratios; medians throughout. "
+                    "With --hw, also register access on the simulated hardware (mapped versus mediated) "
+                    "and interrupt delivery latency from the model to the driver.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("-n", type=int, default=2000, help="round trips per latency measurement (default 2000)")
+    p.add_argument("--hw", action="store_true", help="also measure the simulated hardware paths")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from reflector.bench import measure, report
-    result = measure(args.n, progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
-    print(json.dumps(result, indent=1) if args.json else report(result))
+    progress = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    result = measure(args.n, progress=progress)
+    text = report(result)
+    if args.hw:
+        from reflector import bench_hw
+        progress("simulated hardware: mapped and mediated register access, interrupt latency")
+        result["hw"] = bench_hw.measure(500, 7, 50)
+        text += "\n\n" + bench_hw.report(result["hw"])
+    print(json.dumps(result, indent=1) if args.json else text)
     return 0

@@ -1,6 +1,6 @@
 """Register access and interrupt delivery on the simulated hardware: mapped versus mediated.
 
-    .venv/bin/python bench/hw.py [--reads N] [--batches B] [--irqs K] [--json]
+    drvbox bench --hw [--json]        (or: python -m reflector.bench_hw [--reads N] [--batches B] [--irqs K] [--json])
 
 A real Device Manager (``drvbox run``, a subprocess) serves one bench driver three times, each on
 its own simulated GPIO bank:
