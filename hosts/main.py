@@ -40,6 +40,10 @@ from hosts.wire import MAX_FRAME, Frame, Op, ProtocolError, decode
 # (MSG_CTRUNC) rather than silently cut.
 MAX_FDS = 4
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
+# Plain ints: enum flag arithmetic costs microseconds per frame.
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_TRUNC = int(socket.MSG_TRUNC)
 _HOST_SENT_OPS = frozenset({Op.READY, Op.REPLY, Op.KCALL, Op.LOG})
 # Stack of each thread started in the host (workers, and threads drivers start): glibc's default
 # is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
@@ -97,17 +101,17 @@ class Host:
         self.channel.send(Op.READY, 0, 0, os.getpid())
         while True:
             try:
-                data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+                data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, _CLOEXEC)
             except OSError as exc:
                 self.channel.log(ERROR, f"host: recvmsg on the channel failed: {exc}")
                 return HostExit.CHANNEL_ERROR
             fds = _fds_of(ancillary)
             if not data and not fds:
                 return HostExit.OK  # EOF: the Reflector closed its end (or SHUTDOWN finished)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _CTRUNC:
                 _close(fds)
                 return self._violation(HostExit.UNEXPECTED_FDS, "more file descriptors than a frame may carry")
-            if flags & socket.MSG_TRUNC:
+            if flags & _TRUNC:
                 _close(fds)
                 return self._violation(HostExit.BAD_FRAME, f"frame longer than {MAX_FRAME} bytes")
             try:

@@ -105,6 +105,8 @@ _BODIES: dict[Op, str] = {
 }
 STRUCTS: dict[int, struct.Struct] = {int(op): struct.Struct(HEADER + body) for op, body in _BODIES.items()}
 _HEADER = struct.Struct(HEADER)
+# Enum construction by value costs microseconds on a path measured in tens of them: look it up.
+_OPS: dict[int, Op] = {int(op): op for op in Op}
 
 
 class Frame(NamedTuple):
@@ -145,4 +147,4 @@ def decode(buf: bytes | memoryview) -> Frame:
         raise ProtocolError(
             f"{Op(op).name} frame is {n} bytes, expected {layout.size} + tail {tail_len}")
     values = layout.unpack_from(buf, 0)
-    return Frame(Op(op), req_id, driver_id, values[6:], bytes(buf[layout.size:]))
+    return Frame(_OPS[op], req_id, driver_id, values[6:], bytes(buf[layout.size:]))

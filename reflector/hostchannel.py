@@ -31,6 +31,7 @@ FRAME_RATE_LIMIT = 20000
 LOG_RATE_LIMIT = 200          # LOG frames per second; more is a flood
 MAX_FDS_PER_FRAME = 4         # we read this many so that we can close what a host smuggles in
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum flag arithmetic is slow
 READY_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 2.0            # how long a host that closed its channel has to finish exiting
 
@@ -211,7 +212,7 @@ class HostChannel:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % array.array("i").itemsize
                 fds.extend(array.array("i", payload[:usable]))
-        if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if msg_flags & _TRUNCATED:
             for fd in fds:
                 os.close(fd)
             raise ProtocolError("frame or its ancillary data larger than the protocol allows")

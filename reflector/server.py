@@ -29,6 +29,7 @@ log = logging.getLogger("drvbox.server")
 MAX_HANDLES_PER_CONNECTION = 256
 MAX_SHM_BYTES = 256 * 1024 * 1024
 _CMSG = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum flag arithmetic is slow
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class _Session:
             if not data and not fds:
                 return
             try:
-                req = cw.decode_request(data) if not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) else None
+                req = cw.decode_request(data) if not flags & _TRUNCATED else None
                 if req is None:
                     raise cw.ClientProtocolError("message larger than the protocol allows")
             except cw.ClientProtocolError as exc:
