@@ -188,6 +188,9 @@ def confine(plan: dict, channel: list, life_r: int):
     ctl = channel[0]
     # 1. Die with the launcher, from now on: if it is killed mid-way, so are we.
     _run("pdeathsig", _die_with_parent, life_r)
+    # The uts namespace is a copy of the machine's: give it a name that says nothing about it.
+    from sandbox import libc
+    _run("namespaces", libc.sethostname, "drvbox-host")
     # 2. The mount view, while we hold CAP_SYS_ADMIN over our mount namespace.
     _run("mounts", mounts.apply, plan["mounts"])
     # 3. Securebits locked and the bounding set emptied: needs CAP_SETPCAP, which the identity
@@ -204,6 +207,9 @@ def confine(plan: dict, channel: list, life_r: int):
     _run("no_new_privs", prctl.set_no_new_privs, 1)
     if prctl.get_no_new_privs() != 1:
         raise _StepFailed("no_new_privs", "prctl(PR_GET_NO_NEW_PRIVS) != 1", None)
+    #    Not dumpable either: no other process of the same uid (65534 is shared with whatever
+    #    else runs as nobody) may ptrace it or open its /proc/PID/mem.
+    _run("no_new_privs", prctl.set_dumpable, 0)
     # 8. Only the passed fds (renumbered from 3), the control socket and the life pipe remain.
     #    Before the limits: RLIMIT_NOFILE would refuse the high numbers the renumbering uses.
     kept = _run("fds", fds.keep_only, plan["fds"], [ctl.fileno(), life_r])
@@ -224,8 +230,9 @@ def confine(plan: dict, channel: list, life_r: int):
     _run("report", control.send, ctl, {"ready": state}, () if notify_fd is None else (notify_fd,))
     if notify_fd is not None:
         os.close(notify_fd)
-    ctl.close()
     os.close(life_fd)
+    # The control socket last: its EOF tells spawn that only the passed fds are left here.
+    ctl.close()
     return function, passed, plan["target_arg"]
 
 

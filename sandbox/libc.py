@@ -104,3 +104,8 @@ def set_fs_ids(uid: int, gid: int) -> None:
     _libc.setfsuid(ctypes.c_uint(uid))
     if _libc.setfsgid(ctypes.c_uint(-1 & 0xFFFFFFFF)) != gid or _libc.setfsuid(ctypes.c_uint(-1 & 0xFFFFFFFF)) != uid:
         raise OSError(1, "not permitted", f"setfsuid({uid})/setfsgid({gid})")
+
+
+def sethostname(name: str) -> None:
+    data = name.encode()
+    _check(_libc.sethostname(data, ctypes.c_size_t(len(data))), f"sethostname({name!r})")

@@ -420,6 +420,18 @@ def _handshake(spec: SandboxSpec, ours: socket.socket, popen: subprocess.Popen, 
                 notify_fd = fds[0]
         else:
             raise ConfinementError("start", f"unexpected control message {sorted(message)}", name=spec.name)
+    # The host closes the control socket after its listener and life pipe, right before it calls
+    # the target: once we see EOF, it holds exactly the fds it was given.
+    try:
+        message, fds = control.recv(ours)
+    except (OSError, control.ControlError) as exc:
+        raise ConfinementError("report", f"recv(control) after the report: {exc}", getattr(exc, "errno", None),
+                               name=spec.name) from None
+    for fd in fds:
+        undo.callback(os.close, fd)
+    if message is not None:
+        raise ConfinementError("report", f"unexpected control message after the report {sorted(message)}",
+                               name=spec.name)
     return inner_pid, state, notify_fd
 
 
