@@ -159,7 +159,7 @@ class HostGroup:
         self.audit.record("host.started", group=self.gid, pid=sandboxed.inner_pid,
                           detail={"devices": [d.name for d in self.devices], "pid": sandboxed.pid,
                                   "start_ms": round((time.monotonic() - t0) * 1000, 1),
-                                  "confinement": getattr(sandboxed, "confinement", None)})
+                                  "confinement": _confinement_summary(getattr(sandboxed, "confinement", None))})
         log.info("group %d: host pid %d serving %s", self.gid, sandboxed.pid, ", ".join(d.name for d in self.devices))
 
     # -- requests --------------------------------------------------------------------------------
@@ -411,6 +411,21 @@ class HostGroup:
                 "uptime": round(time.monotonic() - self.started_at, 3) if channel else 0,
                 "pss": _pss(channel.sandboxed.inner_pid) if channel else 0,
                 "devices": [d.name for d in self.devices], "solo": self.solo, "restarts": self.restarts}
+
+
+def _confinement_summary(c: dict | None) -> dict | None:
+    """What is in force in the host, read back from inside it, in a few words for the audit log
+    (`drvbox sandbox check` shows all of it)."""
+    if not isinstance(c, dict):
+        return None
+    status = c.get("status") or {}
+    return {
+        "uid": status.get("Uid"), "no_new_privs": status.get("NoNewPrivs"), "seccomp": status.get("Seccomp"),
+        "cap_eff": status.get("CapEff"), "cap_bnd": status.get("CapBnd"),
+        "namespaces": sorted(n for n, v in (c.get("namespaces") or {}).items() if isinstance(v, dict) and v.get("new")),
+        "cgroup": (c.get("cgroup") or {}).get("version"),
+        "syscalls_allowed": (c.get("seccomp") or {}).get("allowed"),
+    }
 
 
 def _pss(pid: int | None) -> int:
