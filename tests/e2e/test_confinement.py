@@ -251,6 +251,8 @@ def test_kill_ends_host_and_is_idempotent():
     theirs.close()
     host = _pidfd_if_child_of(box.inner_pid, box.pid)
     assert box.poll() is None
+    with pytest.raises(TimeoutError, match="still running"):
+        box.wait(timeout=0)
     box.kill()
     box.kill()
     status = box.wait(timeout=HANG_GUARD)
