@@ -122,6 +122,8 @@ def _preload(plan: dict) -> None:
     sys.path[:0] = [p for p in plan["sys_path"] if p not in sys.path]
     import prctl  # noqa: F401
     import pyseccomp  # noqa: F401
+    # Only pyseccomp needed the stand-in: a driver asking ctypes.util later gets the real one.
+    del sys.modules["ctypes.util"], ctypes.util
     import resource  # noqa: F401
     import select  # noqa: F401
     import importlib  # noqa: F401
