@@ -9,7 +9,8 @@ called, so the filter needs to allow nothing that confinement itself does (mount
   ``SyscallSupervisor`` over the listener fd this returns, which reports it and answers EPERM
   (or kills the host).  When the caller accepted ``seccomp_notify`` as optional and the kernel
   lacks user notification, the default is ``ERRNO(EPERM)`` with ``CTL_LOG``: the call is still
-  denied, and reported only to the kernel's audit log, not to the supervisor.
+  denied (or, for ``on_violation="kill"``, the process killed: ``KILL_PROCESS``), and reported
+  only to the kernel's audit log, not to the supervisor.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ import pyseccomp
 from sandbox import syscalls
 
 
-def load(allowed: list[str], notify: bool) -> int | None:
+def load(allowed: list[str], notify: bool, on_violation: str = "deny") -> int | None:
     """Load the filter on this (single-threaded) process; the listener fd, or None without notify.
 
-    Raises ``OSError`` whose filename names the call that failed.
+    Without notify, ``on_violation`` is carried out by the kernel itself: "deny" answers EPERM,
+    "kill" kills the process (both logged by the kernel).  Raises ``OSError`` whose filename
+    names the call that failed.
     """
-    default = pyseccomp.NOTIFY if notify else pyseccomp.ERRNO(errno.EPERM)
+    if notify:
+        default = pyseccomp.NOTIFY
+    elif on_violation == "kill":
+        default = pyseccomp.KILL_PROCESS
+    else:
+        default = pyseccomp.ERRNO(errno.EPERM)
     filt = pyseccomp.SyscallFilter(default)
     filt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     if not notify:

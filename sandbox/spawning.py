@@ -122,6 +122,7 @@ def prepare(spec: SandboxSpec, target: str, target_arg: dict, n_fds: int) -> dic
         "target_arg": target_arg,
         "syscalls": _check_syscalls(spec),
         "notify": notify,
+        "on_violation": spec.on_violation,
         "ns_names": list(namespaces.PROC_NS),
     }
 
@@ -459,7 +460,8 @@ def _describe(state: dict, plan: dict, group: cgroups.HostCgroup | None, spec: S
     confinement["cgroup"] = {"inside": state.get("cgroup"),
                              **(group.read_back() if group is not None else {"missing": True})}
     confinement["seccomp"] = {
-        "default": "notify" if plan["notify"] else "errno+log",
+        "default": "notify" if plan["notify"] else
+                   ("kill+log" if spec.on_violation == "kill" else "errno+log"),
         "on_violation": spec.on_violation,
         "allowed": len(plan["syscalls"]),
     }

@@ -20,14 +20,14 @@ import pytest
 from sandbox import seccomp, syscalls
 
 
-def _in_filtered_child(action) -> int:
+def _in_filtered_child(action, on_violation: str = "deny") -> int:
     """Run ``action`` (returning an int) in a child under the host filter; its wait status."""
     pid = os.fork()
     if pid == 0:
         try:
             import prctl
             prctl.set_no_new_privs(1)
-            seccomp.load(list(syscalls.ALLOWED), notify=False)
+            seccomp.load(list(syscalls.ALLOWED), notify=False, on_violation=on_violation)
             os._exit(action())
         except BaseException:
             os._exit(250)
@@ -118,3 +118,8 @@ def test_native_machine_code_getpid_is_allowed():
     # mov eax, 39 (getpid); syscall; ret
     status = _in_filtered_child(lambda: 0 if _machine_code(b"\xb8\x27\x00\x00\x00\x0f\x05\xc3") else 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_without_notify_kill_policy_kills_on_the_first_violation():
+    status = _in_filtered_child(lambda: _errno_of(lambda: socket.socket()), on_violation="kill")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
