@@ -108,6 +108,16 @@ def supervisor():
 
 
 @pytest.fixture
+def require_namespaces():
+    """Skip unless this process can give a sandbox its namespaces: as root always; otherwise
+    only through a user namespace."""
+    if os.geteuid() != 0:
+        missing = _probe_userns()
+        if missing:
+            pytest.skip(f"needs_userns (not root): {missing}")
+
+
+@pytest.fixture
 def open_fds():
     """The fds of this process, as a function: compare before and after to find leaks."""
     def listing() -> list[int]:

@@ -23,7 +23,7 @@ import pytest
 from sandbox.errors import ConfinementError
 from sandbox.spec import SandboxSpec, spawn
 
-pytestmark = [pytest.mark.needs_root, pytest.mark.needs_seccomp_notify]
+pytestmark = [pytest.mark.needs_seccomp_notify, pytest.mark.usefixtures("require_namespaces")]
 
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 # Only a guard against hanging the whole run if the sandbox never ends; never a measure.
@@ -171,6 +171,7 @@ def test_uid_non_zero_inside_and_no_groups():
     assert all(u != "0" for u in _status(probe)["Uid"].split())
 
 
+@pytest.mark.needs_root      # an unprivileged parent maps to its own uid instead
 @pytest.mark.needs_userns
 def test_user_namespace_maps_an_unprivileged_id():
     results, _, probe = run_probe(["getuid"], spec=_spec(userns=True))
@@ -224,7 +225,7 @@ def _pidfd_if_child_of(pid: int, parent: int) -> int:
     return fd
 
 
-@pytest.mark.parametrize("mode", ["root", pytest.param("userns", marks=pytest.mark.needs_userns)])
+@pytest.mark.parametrize("mode", ["default", pytest.param("userns", marks=pytest.mark.needs_userns)])
 def test_sandbox_dies_when_its_parent_dies(mode):
     helper = subprocess.Popen([sys.executable, os.path.join(HELPERS, "spawn_and_wait.py"), mode],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
