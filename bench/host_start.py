@@ -1,6 +1,6 @@
 """Host start: ``sandbox.spawn`` until the target runs, against ``python -I -S -c pass``.
 
-    .venv/bin/python bench/host_start.py [N]
+    .venv/bin/python bench/host_start.py [N] [--userns]
 
 Measures, N times each (default 30), after one warm-up:
   * reference   -- ``python -I -S -c pass`` (fork+exec+interpreter start, nothing else)
@@ -56,14 +56,17 @@ def _line(name: str, samples: list[float], ref: float | None = None) -> str:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    spec = SandboxSpec(name="bench", optional=frozenset({"cgroup"}), memory_limit_mib=256)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 30
+    userns = True if "--userns" in sys.argv else None
+    spec = SandboxSpec(name="bench", optional=frozenset({"cgroup"}), memory_limit_mib=256, userns=userns)
     _reference()
     _host(spec)
     reference = [_reference() for _ in range(n)]
     spawned, replied = zip(*(_host(spec) for _ in range(n)))
     ref_ms = statistics.median(reference) * 1000
-    print(f"host start, {n} runs each, uid {os.geteuid()}, userns {'yes' if os.geteuid() else 'no (root)'}")
+    used = userns or os.geteuid() != 0
+    print(f"host start, {n} runs each, uid {os.geteuid()}, user namespace {'yes' if used else 'no (root)'}")
     print(_line("reference", reference))
     print(_line("spawn", list(spawned), ref_ms))
     print(_line("first reply", list(replied), ref_ms))
