@@ -225,7 +225,8 @@ def confine(plan: dict, channel: list, life_r: int):
     module = _run("import", importlib.import_module, module_name)
     function = _run("import", getattr, module, function_name)
     # 11. seccomp, last: every step above needs a call the filter forbids.
-    notify_fd = _run("seccomp", seccomp.load, plan["syscalls"], plan["notify"], plan["on_violation"])
+    notify_fd = _run("seccomp", seccomp.load, plan["syscalls"], plan["notify"], plan["on_violation"],
+                     plan.get("ioctl_ranges"))
     # 12. Read back what is in force and report it, with the listener fd, then let go of both:
     #     a host holding its own listener could answer its own notifications.
     state = _run("report", readback.read_all, plan["ns_names"], limits.read(), securebits)

@@ -22,7 +22,8 @@ import pyseccomp
 from sandbox import syscalls
 
 
-def load(allowed: list[str], notify: bool, on_violation: str = "deny") -> int | None:
+def load(allowed: list[str], notify: bool, on_violation: str = "deny",
+         ioctl_ranges: list[tuple[int, int]] | None = None) -> int | None:
     """Load the filter on this (single-threaded) process; the listener fd, or None without notify.
 
     Without notify, ``on_violation`` is carried out by the kernel itself: "deny" answers EPERM,
@@ -60,11 +61,14 @@ def load(allowed: list[str], notify: bool, on_violation: str = "deny") -> int | 
     # written as ranges around the two.  A request with high bits set (the kernel truncates it to
     # 32 bits) passes the last range; that form of TIOCSTI is stopped by setsid() in the launcher
     # (no controlling terminal: TIOCSTI then needs CAP_SYS_ADMIN, which the host does not have).
-    lo, hi = sorted((syscalls.TIOCSTI, syscalls.TIOCLINUX))
-    filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.LT, lo))
-    for request in range(lo + 1, hi):
-        filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, request))
-    filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.GT, hi))
+    if ioctl_ranges is None:
+        lo, hi = sorted((syscalls.TIOCSTI, syscalls.TIOCLINUX))
+        filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.LT, lo))
+        for request in range(lo + 1, hi):
+            filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, request))
+        filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.GT, hi))
+    else:
+        _allow_ioctls(filt, ioctl_ranges)
     filt.load()
     if not notify:
         return None
@@ -72,6 +76,22 @@ def load(allowed: list[str], notify: bool, on_violation: str = "deny") -> int | 
     if fd < 0:
         raise OSError(-fd if fd < 0 else errno.EINVAL, "no listener fd", "seccomp_notify_fd()")
     return fd
+
+
+def _allow_ioctls(filt, ranges: list[tuple[int, int]]) -> None:
+    """ioctl only for the policy's request numbers (its DeviceNodes' codes) and BASE_IOCTLS.
+
+    The kernel compares the request as 32 bits, so the rules mask the argument to 32 bits: a
+    request with high bits set is the same request.  Everything else falls to the default action:
+    reported to the supervisor and denied.  seccomp cannot tell which fd an ioctl is for (fds can
+    be duplicated), so the list holds for every fd of the host.
+    """
+    wanted = [(code, code) for code in syscalls.BASE_IOCTLS] + [tuple(r) for r in ranges]
+    for lo, hi in wanted:
+        for value, mask in syscalls.masked_blocks(lo, hi):
+            if mask == 0xFFFFFFFF and value in (syscalls.TIOCSTI, syscalls.TIOCLINUX):
+                continue
+            filt.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, mask, value))
 
 
 def notify_available() -> bool:

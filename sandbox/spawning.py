@@ -123,6 +123,7 @@ def prepare(spec: SandboxSpec, target: str, target_arg: dict, n_fds: int) -> dic
         "syscalls": _check_syscalls(spec),
         "notify": notify,
         "on_violation": spec.on_violation,
+        "ioctl_ranges": None if spec.ioctl_ranges is None else [list(r) for r in spec.ioctl_ranges],
         "ns_names": list(namespaces.PROC_NS),
     }
 

@@ -44,6 +44,9 @@ class SandboxSpec:
     extra_syscalls: tuple[str, ...] = ()
     on_violation: str = "deny"
     optional: frozenset[str] = field(default_factory=frozenset)
+    # None: ioctl allowed (but for TIOCSTI/TIOCLINUX).  Ranges (lo, hi): ioctl allowed only for
+    # these requests and the runtime's own (syscalls.BASE_IOCTLS) -- a policy's DeviceNodes codes.
+    ioctl_ranges: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +66,11 @@ class SandboxSpec:
             value = getattr(self, attr)
             if value is not None and value <= 0:
                 problems.append(f"{attr}={value!r} (must be positive, or None)")
+        if self.ioctl_ranges is not None:
+            for r in self.ioctl_ranges:
+                if (not isinstance(r, tuple) or len(r) != 2 or not all(isinstance(x, int) for x in r)
+                        or not 0 <= r[0] <= r[1] <= 0xFFFFFFFF):
+                    problems.append(f"ioctl_ranges entry {r!r} (must be (lo, hi) within 32 bits, lo <= hi)")
         for path in self.readonly_paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 problems.append(f"readonly_paths entry {path!r} (must be an absolute path)")

@@ -209,6 +209,34 @@ CLONE_THREAD = 0x00010000
 TIOCSTI = 0x5412
 TIOCLINUX = 0x541C
 
+# When a policy lists the ioctl requests its device nodes take, ioctl is allowed for those and for
+# these alone -- the ones the host's own runtime issues, each with why.
+BASE_IOCTLS = {
+    0x5421: "FIONBIO: CPython switches sockets between blocking and non-blocking with it (settimeout)",
+    0x5451: "FIOCLEX: close-on-exec on an fd (os.set_inheritable)",
+    0x5450: "FIONCLEX: the same, cleared",
+    0x541B: "FIONREAD: bytes waiting on a socket or pipe",
+    0x5401: "TCGETS: isatty() on the host's stdio (a terminal query, changes nothing)",
+}
+
+
+def masked_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """``[lo, hi]`` as aligned power-of-two blocks ``(value, mask)``: ``x & mask == value``.
+
+    seccomp compares one argument once per rule, so a range (two comparisons) is written as the
+    few aligned blocks that cover it exactly, like a route table covers an address range.
+    """
+    if not 0 <= lo <= hi <= 0xFFFFFFFF:
+        raise ValueError(f"ioctl range {lo:#x}-{hi:#x} is not within 32 bits")
+    blocks = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 32
+        while size > hi - lo + 1:
+            size >>= 1
+        blocks.append((lo, 0xFFFFFFFF & ~(size - 1)))
+        lo += size
+    return blocks
+
 
 def refuse_forbidden(names: tuple[str, ...]) -> list[str]:
     """The entries of ``names`` (a policy's ``Syscalls``) that may never be allowed, with reasons."""

@@ -20,14 +20,15 @@ import pytest
 from sandbox import seccomp, syscalls
 
 
-def _in_filtered_child(action, on_violation: str = "deny") -> int:
+def _in_filtered_child(action, on_violation: str = "deny", ioctl_ranges=None) -> int:
     """Run ``action`` (returning an int) in a child under the host filter; its wait status."""
     pid = os.fork()
     if pid == 0:
         try:
             import prctl
             prctl.set_no_new_privs(1)
-            seccomp.load(list(syscalls.ALLOWED), notify=False, on_violation=on_violation)
+            seccomp.load(list(syscalls.ALLOWED), notify=False, on_violation=on_violation,
+                         ioctl_ranges=ioctl_ranges)
             os._exit(action())
         except BaseException:
             os._exit(250)
@@ -123,3 +124,42 @@ def test_native_machine_code_getpid_is_allowed():
 def test_without_notify_kill_policy_kills_on_the_first_violation():
     status = _in_filtered_child(lambda: _errno_of(lambda: socket.socket()), on_violation="kill")
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+
+
+# -- a policy's DeviceNodes ioctl list narrows ioctl to those requests -------------------------
+
+def _ioctl_errno(request: int):
+    import fcntl
+
+    def action():
+        fd = os.open("/dev/null", os.O_RDONLY)
+        return _errno_of(lambda: fcntl.ioctl(fd, request, 0))
+    return action
+
+
+@pytest.mark.parametrize("request_, expected", [
+    (0x00224000, errno.ENOTTY),     # listed: seccomp lets it through; /dev/null says it is no tty
+    (0x00224007, errno.ENOTTY),     # the last of the listed range
+    (0x00224008, errno.EPERM),      # one past the range: our filter refuses
+    (0x00223FFF, errno.EPERM),      # one before it
+    (0x5450, 0),                    # FIONCLEX, which the runtime needs, stays allowed
+])
+def test_listed_ioctls_pass_and_others_are_refused(request_, expected):
+    status = _in_filtered_child(_ioctl_errno(request_), ioctl_ranges=[(0x00224000, 0x00224007)])
+    assert os.waitstatus_to_exitcode(status) == expected
+
+
+def test_without_a_list_ioctl_stays_open_but_for_tiocsti():
+    status = _in_filtered_child(_ioctl_errno(0x00224008))
+    assert os.waitstatus_to_exitcode(status) == errno.ENOTTY
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 0), (0, 0xFFFFFFFF), (0x5400, 0x54FF), (7, 9), (0x1001, 0x2FFF),
+                                    (0xFFFFFFFE, 0xFFFFFFFF), (0x00220000, 0x00220FFF)])
+def test_masked_blocks_cover_exactly_the_range(lo, hi):
+    blocks = syscalls.masked_blocks(lo, hi)
+    assert len(blocks) <= 64
+    for probe in {lo, hi, lo - 1, hi + 1, (lo + hi) // 2, lo + 1, hi - 1}:
+        if 0 <= probe <= 0xFFFFFFFF:
+            inside = any(probe & mask == value for value, mask in blocks)
+            assert inside == (lo <= probe <= hi), hex(probe)
