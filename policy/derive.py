@@ -190,6 +190,19 @@ def _principals(key, name: str) -> list[str] | None:
     return list(dict.fromkeys(items))
 
 
+def _syscall_violation(key) -> str:
+    """``SyscallViolation``: "deny" (the call fails with EPERM, the host goes on) or "kill"."""
+    text = read_string(key, "SyscallViolation")
+    if text is None:
+        return "deny"
+    value = text.strip().lower()
+    if value not in ("deny", "kill"):
+        raise DerivationError(key.path, "SyscallViolation", f"{text!r} is neither 'deny' nor 'kill'",
+                              getattr(key.get("SyscallViolation"), "location", None),
+                              fix='write "SyscallViolation"="deny" or "kill"')
+    return value
+
+
 def _syscalls(key, warnings: list[str]) -> list[str]:
     items = read_strings(key, "Syscalls") or []
     for item in items:
@@ -296,6 +309,7 @@ def derive_one(hive, entry: DriverEntry, search_path: Sequence[Path], serial: in
         "clients": {"users": _principals(key, "AllowUsers"), "groups": _principals(key, "AllowGroups"),
                     "trusted_only": entry.trusted_only},
         "syscalls": _syscalls(key, warnings),
+        "syscall_violation": _syscall_violation(key),
     }
     if expires is not None:
         doc["expires"] = expires

@@ -194,7 +194,7 @@ class Policy(metaclass=_NoPublicConstructor):
     __slots__ = ("document", "key_path", "device", "dll", "mode", "group", "serial", "module_sha256",
                  "registry_sha256", "memory_windows", "port_windows", "irqs", "dma_quota", "device_nodes",
                  "register_access", "ioctl_ranges", "max_io_size", "allow_users", "allow_groups",
-                 "trusted_only", "syscalls", "limits", "issued", "expires")
+                 "trusted_only", "syscalls", "syscall_violation", "limits", "issued", "expires")
 
     def __init__(self, document: dict) -> None:
         doc = copy.deepcopy(document)      # nobody holding the dict can change us later
@@ -222,6 +222,7 @@ class Policy(metaclass=_NoPublicConstructor):
         set_("allow_groups", None if cl["groups"] is None else tuple(cl["groups"]))
         set_("trusted_only", cl["trusted_only"])
         set_("syscalls", tuple(doc["syscalls"]))
+        set_("syscall_violation", doc.get("syscall_violation", "deny"))
         set_("group", host["group"] if host else None)
         set_("limits", None if host is None else GroupLimits(
             host["timeout_ms"], host["restart_limit"], host["restart_window_s"],

@@ -475,3 +475,31 @@ def test_sysintr_zero_is_no_interrupt_and_a_window_listed_twice_warns_once():
     assert res["sysintrs"] == [] and res["irqs"] == [0x54]
     assert [(w["base"], w["length"]) for w in res["memory"]] == [(0x70300000, 0x1998)]
     assert sum("beyond the port space" in w for w in d.warnings) == 1
+
+
+# -- SyscallViolation: what a call outside the allowlist gets ------------------------------------
+
+def _violation_hive(value: str | None):
+    from policy.hive import Hive, Value
+    hive = Hive()
+    path = r"HKEY_LOCAL_MACHINE\Drivers\BuiltIn\Probe"
+    for name, typ, data in (("Dll", "sz", "probe.dll"), ("Prefix", "sz", "PRB"), ("Index", "dword", 1),
+                            ("Flags", "dword", 0x10), ("IoctlAllow", "multi_sz", ("0x00220000",))):
+        hive.set_value(path, Value(name, typ, data))
+    if value is not None:
+        hive.set_value(path, Value("SyscallViolation", "sz", value))
+    return hive
+
+
+@pytest.mark.parametrize("value, expected", [(None, "deny"), ("deny", "deny"), ("Kill", "kill")])
+def test_syscall_violation_is_derived(value, expected):
+    from policy.derive import derive
+    (derived,) = derive(_violation_hive(value), [])
+    assert derived.document["syscall_violation"] == expected
+
+
+def test_syscall_violation_must_be_deny_or_kill():
+    from policy.derive import derive
+    from policy.errors import DerivationError
+    with pytest.raises(DerivationError, match="'explode' is neither 'deny' nor 'kill'"):
+        derive(_violation_hive("explode"), [])
