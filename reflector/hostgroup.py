@@ -101,6 +101,10 @@ class HostGroup:
         from sandbox.spec import SandboxSpec
         paths = sorted({str(Path(d.module_path)) for d in self.devices})
         syscalls = sorted({s for d in self.devices for s in d.policy.syscalls})
+        # ioctl is narrowed to the device nodes' listed requests when any node lists them.
+        listed = [r for d in self.devices for node in d.policy.device_nodes for r in node.ioctls]
+        # Drivers share the host: the strictest wish about violations holds for all of them.
+        violation = "kill" if any(d.policy.syscall_violation == "kill" for d in self.devices) else "deny"
         opts = dict(self.sandbox_options)
         return SandboxSpec(
             name=f"host group {self.gid}" + (" (solo)" if self.solo else ""),
@@ -109,6 +113,8 @@ class HostGroup:
             max_threads=self.settings.max_threads or 32,
             max_open_files=self.settings.max_open_files or 64,
             extra_syscalls=tuple(syscalls),
+            on_violation=violation,
+            ioctl_ranges=tuple(sorted(set(map(tuple, listed)))) if listed else None,
             **opts,
         )
 
@@ -121,7 +127,8 @@ class HostGroup:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         t0 = time.monotonic()
         try:
-            sandboxed = spawn(self._spec(), "hosts.main:run",
+            spec = self._spec()
+            sandboxed = spawn(spec, "hosts.main:run",
                               {"arena_size": arena.size, "group": self.gid}, [theirs.fileno(), arena.fd])
         except BaseException:
             mine.close()
@@ -137,7 +144,8 @@ class HostGroup:
         try:
             channel.wait_ready()
             if sandboxed.notify_fd is not None and self.supervisor is not None:
-                self.supervisor.watch(sandboxed.notify_fd, self._syscall_denied, action="deny")
+                self.supervisor.watch(sandboxed.notify_fd, self._syscall_denied, action=spec.on_violation,
+                                      kill=sandboxed.kill)
             for i, device in enumerate(self.devices, start=1):
                 device.driver_id = i
                 tail = json.dumps({"name": device.name, "key": device.key_path, "module": device.module_path,

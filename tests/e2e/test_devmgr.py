@@ -313,3 +313,18 @@ def test_audit_verify_detects_a_one_byte_edit(start_dm):
     data[i + 10] ^= 0x01
     log.write_bytes(bytes(data))
     assert main(["--state-dir", str(dm.state), "audit", "verify"]) != 0
+
+
+def test_syscall_violation_kill_ends_the_host(start_dm):
+    registry = (reg_driver("Faulty", "FLT", group=1, extra=ALLOW + '\n"SyscallViolation"="kill"')
+                + reg_driver("Steady", "OKY", group=2, order=2, extra=ALLOW) + reg_group(1) + reg_group(2))
+    dm = start_dm(registry)
+    with Hammer(dm):
+        with dm.client() as c, c.open("FLT1:") as h:
+            with pytest.raises(OSError) as exc:
+                h.ioctl(SYSCALL, b"", 4)
+            assert exc.value.errno == errno.EIO
+        recs = dm.wait_audit("syscall.denied", group=1)
+        assert any(r["detail"]["syscall"] == "socket" for r in recs)
+        dm.wait_audit("host.crashed", group=1)
+        dm.wait_state("FLT1:", "running")
