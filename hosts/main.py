@@ -7,9 +7,12 @@ system call the allowlist does not have.  Unconfined (unit tests, debugging)::
 
     python -m hosts.main --channel-fd N --arena-fd M --arena-size S
 
-The reader loop (the main thread) is the only receiver.  It decodes each frame, checks its
-arena offsets, and queues the call on the driver's own worker pool; the worker calls the driver
-and sends the REPLY.  KREPLYs are routed to the worker waiting in its KCALL.  The Reflector is
+One thread at a time receives: the leader (``hosts.pool``: the drivers' worker threads and the
+main thread take turns).  It decodes each frame and checks its arena offsets; a call for its own
+driver it runs itself, after passing the leadership on, and one for another driver it gives to
+that driver's pool.  The worker calls the driver and sends the REPLY.  KREPLYs are routed to the
+worker waiting in its KCALL (the main thread never runs driver code, so some thread always
+receives).  The Reflector is
 trusted, so a frame it should never send ends the host with a ``HostExit`` status instead of
 being guessed at.
 """
@@ -94,18 +97,49 @@ class Host:
         self.shutting_down = False
         self._unloads_left = 0
         self._lock = threading.Lock()
+        self.crew = pool.Crew(self._lead)
+        self.exit_status: int = HostExit.OK
 
-    # -- the reader loop ----------------------------------------------------------------------
+    # -- receiving: whichever thread leads (see hosts.pool) ------------------------------------
 
     def serve(self) -> int:
         self.channel.send(Op.READY, 0, 0, os.getpid())
+        self.crew.serve()
+        return self.exit_status
+
+    def _lead(self, me: pool.Member):
+        """Receive frames until one is a request for ``me``'s own driver (returned as a job, after
+        the leadership has passed on), until ``me`` should lead no longer (None), or until the
+        channel ends (None, after ``crew.end``)."""
+        while True:
+            frame = self._receive()
+            if type(frame) is not Frame:
+                self.exit_status = frame
+                self.crew.end(me)
+                return None
+            target = self._request(frame)
+            if target is None:
+                if self.crew.may_hand_off(me) and self.crew.pass_lead(me):
+                    return None
+                continue
+            workers, job = target
+            if workers is me.pool:
+                self.crew.pass_lead(me)
+                return job
+            self.crew.give(workers, job)
+            if me.pool is None and self.crew.may_hand_off(me) and self.crew.pass_lead(me):
+                return None
+
+    def _receive(self):
+        """The next request frame; KREPLYs are delivered on the way.  An int: the channel ended
+        (EOF, a failed receive, or a frame the Reflector should never send) with that status."""
         while True:
             try:
                 data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, _CLOEXEC)
             except OSError as exc:
                 self.channel.log(ERROR, f"host: recvmsg on the channel failed: {exc}")
                 return HostExit.CHANNEL_ERROR
-            fds = _fds_of(ancillary)
+            fds = _fds_of(ancillary) if ancillary else []
             if not data and not fds:
                 return HostExit.OK  # EOF: the Reflector closed its end (or SHUTDOWN finished)
             if flags & _CTRUNC:
@@ -130,7 +164,7 @@ class Host:
                 if not self.channel.deliver(frame.req_id, status, value, frame.tail, fds):
                     return self._violation(HostExit.BAD_FRAME, f"KREPLY {frame.req_id} answers no KCALL")
                 continue
-            self._request(frame)
+            return frame
 
     def _violation(self, status: HostExit, reason: str) -> int:
         self.channel.log(ERROR, f"host: protocol violation, exiting with {int(status)} ({status.name}): {reason}")
@@ -144,7 +178,9 @@ class Host:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _request(self, frame: Frame) -> None:
+    def _request(self, frame: Frame):
+        """Handle what is quick here; for a driver's call return ``(pool, job)`` for the leader
+        to run or give away.  None: handled (replied, or given to a new pool at LOAD)."""
         op = frame.op
         if op == Op.LOAD:
             return self._load(frame)
@@ -155,12 +191,13 @@ class Host:
             return self._reply(frame, errno.ENODEV)
         if op == Op.UNLOAD:
             del self.slots[frame.driver_id]  # later requests for it fail at once with ENODEV
-            return slot.pool.submit(lambda: self._unload(slot, frame))
+            self.crew.set_leads(slot.pool, False)  # its threads are about to stop: none may be blocked receiving
+            return slot.pool, lambda: self._unload(slot, frame)
         prepared = self._call_for(frame)
         if prepared is None:
             return self._reply(frame, errno.EINVAL)
         call, views = prepared
-        slot.pool.submit(lambda: self._run(slot, frame, call, views))
+        return slot.pool, lambda: self._run(slot, frame, call, views)
 
     def _view(self, off: int, length: int, writable: bool) -> memoryview | None:
         """A view of exactly ``length`` arena bytes at ``off``, or None if it does not fit."""
@@ -234,7 +271,7 @@ class Host:
             threads = spec.get("threads", pool.DEFAULT_THREADS)
             if type(threads) is not int:
                 raise ValueError(f"LOAD threads {threads!r} is not an int")
-            workers = pool.WorkerPool(f"drv{frame.driver_id}", threads)
+            workers = pool.WorkerPool(self.crew, f"drv{frame.driver_id}", threads)
         except (ValueError, KeyError, UnicodeDecodeError) as exc:
             self.channel.log(ERROR, f"host: malformed LOAD for driver {frame.driver_id}: {exc!r}")
             return self._reply(frame, errno.EINVAL)
@@ -261,6 +298,7 @@ class Host:
         finally:
             slot.ready.set()
         if failure is None:
+            self.crew.set_leads(slot.pool, True)
             return self._reply(frame, 0)
         status, message = failure
         self.channel.log(ERROR, message, driver_id)
@@ -291,6 +329,8 @@ class Host:
         if not slots:
             return self._end_reader()
         self._unloads_left = len(slots)
+        for slot in slots:
+            self.crew.set_leads(slot.pool, False)
         for slot in slots:
             slot.pool.submit(lambda slot=slot: self._shutdown_one(slot))
 

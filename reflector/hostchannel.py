@@ -180,7 +180,12 @@ class HostChannel:
                 raise HostGone(self.name)
             self._pending[req_id] = pending
         try:
-            self._send(wire.encode(op, req_id, driver_id, *fields, tail=tail))
+            try:
+                self._send(wire.encode(op, req_id, driver_id, *fields, tail=tail))
+            except OSError:
+                # The host was killed (its socket shut down) and the reader has not yet noticed:
+                # the same as dying with the request in flight.
+                raise HostGone(self.name) from None
             if not pending.done.wait(timeout):
                 raise TimeoutError(f"{self.name}: {op.name} to driver {driver_id} took longer than {timeout}s")
         finally:

@@ -502,3 +502,70 @@ def test_threads_are_a_fixed_pool_per_driver_not_one_per_request(host):
     assert threads() == 1 + 3 + 2
     assert host.call(Op.UNLOAD, 2) == (0, 0)
     eventually(lambda: threads() == 1 + 3)  # the unloaded driver's workers end after its UNLOAD
+
+
+# -- leader/follower: whichever thread receives, every frame reaches the right driver ----------
+
+def test_a_driver_with_one_thread_gets_its_kernel_replies(host):
+    """Its only thread runs the request (after receiving it, as leader) and waits in a KCALL:
+    the main thread, never in driver code, must be the one to receive the KREPLY."""
+    host.kernel = lambda frame: (0, 77, b"", [])
+    assert host.load(1, "kernel_user.py", threads=1) == (0, 0)
+    _, h = host.call(Op.OPEN, 1, 0, 0)
+    for _ in range(5):
+        assert host.ioctl(1, h, 0x80004000, _ints(1)) == (0, b"77")
+
+
+def test_requests_alternate_between_drivers_of_one_and_many_threads(host):
+    assert host.load(1, "echo.py", name="ECH1:", threads=1) == (0, 0)
+    assert host.load(2, "echo.py", name="ECH2:", threads=3) == (0, 0)
+    _, h1 = host.call(Op.OPEN, 1, 0, 0)
+    _, h2 = host.call(Op.OPEN, 2, 0, 0)
+    for i in range(20):
+        driver, handle = (1, h1) if i % 3 else (2, h2)
+        assert host.ioctl(driver, handle, 0x80002000, b"n%02d" % i) == (0, b"n%02d" % i)
+    # Many in flight at once, for both, more than either pool has threads.
+    pending = [(host.send(Op.IOCTL, d, h, 0x80002000, 0, 4, 4096, 4)) for d, h in [(1, h1), (2, h2)] * 10]
+    for req_id in pending:
+        assert host.reply(req_id) == (0, 4)
+
+
+def test_unloaded_driver_leaves_the_others_served(host):
+    """Whether or not a thread of the unloaded driver was the one receiving, the others go on."""
+    assert host.load(1, "echo.py", name="ECH1:", threads=2) == (0, 0)
+    assert host.load(2, "echo.py", name="ECH2:", threads=2) == (0, 0)
+    _, h1 = host.call(Op.OPEN, 1, 0, 0)
+    _, h2 = host.call(Op.OPEN, 2, 0, 0)
+    assert host.ioctl(2, h2, 0x80002000, b"two") == (0, b"two")  # a thread of 2 may lead now
+    assert host.call(Op.UNLOAD, 2) == (0, 0)
+    assert host.ioctl(2, h2, 0x80002000, b"gone") == (errno.ENODEV, b"")
+    assert host.ioctl(1, h1, 0x80002000, b"one") == (0, b"one")
+    assert host.call(Op.UNLOAD, 1) == (0, 0)
+    eventually(lambda: len(os.listdir(f"/proc/{host.proc.pid}/task")) == 1)  # the main thread alone
+    assert host.ioctl(1, h1, 0x80002000, b"x") == (errno.ENODEV, b"")
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_shutdown_right_after_requests_exits_zero(host, threads):
+    """SHUTDOWN is received by whichever thread leads, possibly one of the driver being unloaded."""
+    assert host.load(1, "echo.py", threads=threads) == (0, 0)
+    _, h = host.call(Op.OPEN, 1, 0, 0)
+    assert host.ioctl(1, h, 0x80002000, b"abc") == (0, b"abc")
+    host.send(Op.SHUTDOWN, 0)
+    assert host.wait() == HostExit.OK
+
+
+def test_malformed_frame_ends_the_host_whichever_thread_receives(host):
+    assert host.load(1, "echo.py", threads=2) == (0, 0)
+    _, h = host.call(Op.OPEN, 1, 0, 0)
+    assert host.ioctl(1, h, 0x80002000, b"abc") == (0, b"abc")
+    host.sock.send(b"\x01" * 5)
+    assert host.wait() == HostExit.BAD_FRAME
+
+
+def test_eof_ends_the_host_whichever_thread_receives(host):
+    assert host.load(1, "echo.py", threads=2) == (0, 0)
+    _, h = host.call(Op.OPEN, 1, 0, 0)
+    assert host.ioctl(1, h, 0x80002000, b"abc") == (0, b"abc")
+    host.sock.shutdown(socket.SHUT_WR)
+    assert host.wait() == HostExit.OK
