@@ -136,26 +136,21 @@ BENCH_REG = r"""REGEDIT4
 
 def _prepare(tmp: Path) -> list[str]:
     """Registry, key, signed policies and the `drvbox run` command line for the bench platform."""
-    from policy import signing
-    from policy.derive import derive
     from policy.regfile import parse_files
+    from reflector.devkeys import new_trust, sign_user_policies
     from reflector.devmgr import builtin_driver_dir
     reg = tmp / "bench.reg"
     reg.write_text(BENCH_REG)
     keys, policies, trust = tmp / "keys", tmp / "policies", tmp / "trust"
     for d in (keys, policies, trust):
         d.mkdir()
-    signing.generate_key("bench", keys)
-    (trust / "bench.pub").write_bytes((keys / "bench.pub").read_bytes())
-    key = signing.load_private_key(keys / "bench.key")
-    for derived in derive(parse_files([reg]).hive, [builtin_driver_dir()]):
-        if derived.entry.mode == "user":
-            (policies / "echo-user.json").write_text(json.dumps(signing.sign(derived.document, key)))
+    sign_user_policies(parse_files([reg]).hive, [builtin_driver_dir()], new_trust(keys, trust, "bench"), policies)
     return [sys.executable, "-m", "reflector.cli", "--state-dir", str(tmp / "state"), "--socket", str(tmp / "dm.sock"),
             "run", "--registry", str(reg), "--policies", str(policies), "--trust", str(trust)]
 
 
-def _wait_socket(path: Path, proc, timeout: float = 30) -> None:
+def wait_serving(path: Path, proc, timeout: float = 60) -> None:
+    """Wait until the Device Manager ``proc`` serves on ``path`` with every device running."""
     from reflector.client import connect
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -189,7 +184,7 @@ def measure(n: int = 2000, progress=lambda msg: None) -> dict:
         log = open(tmp / "dm.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_socket(tmp / "dm.sock", proc)
+            wait_serving(tmp / "dm.sock", proc)
             with connect(tmp / "dm.sock") as dm:
                 payload = b"x" * 64
                 for name, key in (("KEC1:", "ioctl_kernel"), ("UEC1:", "ioctl_user")):

@@ -36,6 +36,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from reflector.bench import wait_serving
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_IOCTL = 0x00220000
 
@@ -153,9 +155,8 @@ def _registry() -> str:
 
 def _prepare(tmp: Path) -> list[str]:
     """Driver, registry, key and signed policies; returns the `drvbox run` command line."""
-    from policy import signing
-    from policy.derive import derive
     from policy.regfile import parse_files
+    from reflector.devkeys import new_trust, sign_user_policies
     drivers = tmp / "drivers"
     drivers.mkdir()
     (drivers / "hwbench.py").write_text(_DRIVER)
@@ -164,32 +165,10 @@ def _prepare(tmp: Path) -> list[str]:
     keys, policies, trust = tmp / "keys", tmp / "policies", tmp / "trust"
     for d in (keys, policies, trust):
         d.mkdir()
-    signing.generate_key("bench", keys)
-    (trust / "bench.pub").write_bytes((keys / "bench.pub").read_bytes())
-    key = signing.load_private_key(keys / "bench.key")
-    for derived in derive(parse_files([reg]).hive, [drivers]):
-        if derived.entry.mode == "user":
-            name = derived.entry.key_path.rsplit("\\", 1)[-1]
-            (policies / f"{name}.json").write_text(json.dumps(signing.sign(derived.document, key)))
+    sign_user_policies(parse_files([reg]).hive, [drivers], new_trust(keys, trust, "bench"), policies)
     return [sys.executable, "-m", "reflector.cli", "--state-dir", str(tmp / "state"), "--socket", str(tmp / "dm.sock"),
             "run", "--registry", str(reg), "--policies", str(policies), "--trust", str(trust),
             "--driver-path", str(drivers)]
-
-
-def _wait_running(sock: Path, proc, timeout: float = 60) -> None:
-    from reflector.client import connect
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench/hw.py: drvbox run exited with {proc.returncode}")
-        try:
-            with connect(sock) as dm:
-                if all(d["state"] == "running" for d in dm.devices()["devices"]):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("bench/hw.py: the Device Manager did not come up")
 
 
 def measure(reads: int, batches: int, irqs: int) -> dict:
@@ -201,7 +180,7 @@ def measure(reads: int, batches: int, irqs: int) -> dict:
         with open(tmp / "dm.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
-                _wait_running(tmp / "dm.sock", proc)
+                wait_serving(tmp / "dm.sock", proc)
                 raw = {}
                 with connect(tmp / "dm.sock") as dm:
                     for name in ("MAP1:", "MED1:", "KRN1:"):

@@ -37,6 +37,28 @@ def ensure_key(state_dir: Path, name: str):
     return signing.load_private_key(private)
 
 
+def sign_user_policies(hive, search_path, key, out_dir: Path) -> list[Path]:
+    """Derive every user-mode driver of ``hive``, sign each policy with ``key`` and write it to
+    ``out_dir/<key name>.json`` (atomically).  Returns the files written."""
+    written = []
+    for derived in derive(hive, search_path):
+        if derived.entry.mode != "user":
+            continue
+        name = derived.entry.key_path.rsplit("\\", 1)[-1]
+        tmp = out_dir / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(signing.sign(derived.document, key), indent=1))
+        os.replace(tmp, out_dir / f"{name}.json")
+        written.append(out_dir / f"{name}.json")
+    return written
+
+
+def new_trust(keys: Path, trust: Path, name: str):
+    """A fresh key NAME in ``keys`` and a trust store ``trust`` holding its public half."""
+    signing.generate_key(name, keys)
+    shutil.copyfile(keys / f"{name}.pub", trust / f"{name}.pub")
+    return signing.load_private_key(keys / f"{name}.key")
+
+
 def builtin_policies(state_dir: Path, hive, search_path) -> tuple[Path, Path]:
     """Derive and sign the built-in platform's policies with the development key.
 
@@ -51,14 +73,7 @@ def builtin_policies(state_dir: Path, hive, search_path) -> tuple[Path, Path]:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     for stale in policies.glob("*.json"):
         stale.unlink()
-    for derived in derive(hive, search_path):
-        if derived.entry.mode != "user":
-            continue
-        envelope = signing.sign(derived.document, key)
-        name = derived.entry.key_path.rsplit("\\", 1)[-1]
-        tmp = policies / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(envelope, indent=1))
-        os.replace(tmp, policies / f"{name}.json")
+    sign_user_policies(hive, search_path, key, policies)
     shutil.copyfile(keys_dir(state_dir) / "dev.pub", trust / "dev.pub")
     log.warning("built-in simulated platform: policies signed with the development key %s "
                 "(trust store %s); for real drivers use --policies/--trust with your own keys",

@@ -53,19 +53,14 @@ class DeviceManagerProcess:
 
     def sign_policies(self) -> None:
         from policy import signing
-        from policy.derive import derive
         from policy.regfile import parse_files
+        from reflector.devkeys import new_trust, sign_user_policies
         keys = self.tmp / "keys"
         for d in (keys, self.policies, self.trust):
             d.mkdir(exist_ok=True)
-        if not (keys / "test.key").exists():
-            signing.generate_key("test", keys)
-            (self.trust / "test.pub").write_bytes((keys / "test.pub").read_bytes())
-        key = signing.load_private_key(keys / "test.key")
-        for derived in derive(parse_files([self.reg]).hive, self.driver_dirs):
-            if derived.entry.mode == "user":
-                name = derived.entry.key_path.rsplit("\\", 1)[-1]
-                (self.policies / f"{name}.json").write_text(json.dumps(signing.sign(derived.document, key)))
+        key = (signing.load_private_key(keys / "test.key") if (keys / "test.key").exists()
+               else new_trust(keys, self.trust, "test"))
+        sign_user_policies(parse_files([self.reg]).hive, self.driver_dirs, key, self.policies)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(self.state), "--socket", str(self.socket),
