@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from policy.fileio import write_atomic
 from policy.document import Policy, parse_datetime, validate_document
 from policy.drivers import DriverEntry
 from policy.errors import ModuleNotFound, PolicyError, PolicyInvalid, SignatureError, StateError
@@ -163,21 +163,10 @@ def _load_state(state_dir: Path) -> dict:
 def _save_state(state_dir: Path, keys: dict) -> None:
     state_dir = Path(state_dir)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path, tmp = state_dir / STATE_FILE, state_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+    path = state_dir / STATE_FILE
     data = json.dumps({"version": 1, "keys": keys}, sort_keys=True, indent=1).encode()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)          # the rename itself must survive a crash
-        finally:
-            os.close(dfd)
+        write_atomic(path, data, 0o600)
     except OSError as exc:
         raise StateError(f"{path}: cannot write the anti-rollback state: {exc.strerror}") from None
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from policy.fileio import write_atomic
 from policy.errors import PolicyError
 
 _KEYS_HELP = """\
@@ -113,17 +113,6 @@ def _usage(parser) -> int:
 def _err(message: str) -> int:
     print(f"drvbox: {message}", file=sys.stderr)
     return 1
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 # --- keys new --------------------------------------------------------------------------------
@@ -253,7 +242,7 @@ def cmd_derive(args) -> int:
         used.add(name.casefold())
         path = args.out / name
         try:
-            _write_atomic(path, (json.dumps(r.document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+            write_atomic(path, (json.dumps(r.document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
         except OSError as exc:
             return _err(f"{path}: cannot write the policy: {exc.strerror}")
         rows.append((r, path))
@@ -341,7 +330,7 @@ def cmd_sign(args) -> int:
                                   "(fix: derive it again with `drvbox policy derive`)") from None
             signed = sign(unverified, key, envelope)
             dest = (args.out / path.name) if args.out else path
-            _write_atomic(dest, (json.dumps(signed, indent=2) + "\n").encode())
+            write_atomic(dest, (json.dumps(signed, indent=2) + "\n").encode())
         except (PolicyError, OSError) as exc:
             status = _err(f"{path}: {exc}")
             continue
