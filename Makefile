@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml | debs
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@# Hosts start with -B (they never write bytecode): compile what they import once, here.
+	$(PY) -m compileall -q hosts sandbox reflector/drivers
 	touch $(STAMP)
 
 setup: debs $(STAMP)
