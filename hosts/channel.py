@@ -1,8 +1,9 @@
 """The host's end of the channel: sending frames, and matching KREPLYs to waiting KCALLs.
 
 Several worker threads send at once; each ``send`` is one ``SOCK_SEQPACKET`` message, which the
-kernel delivers whole and unmixed, so no lock is needed around sending.  Only the reader thread
-receives; it hands each KREPLY (and the fds that came with it) to the KCALL waiting for it.
+kernel delivers whole and unmixed, so no lock is needed around sending.  Only the thread that
+leads (see hosts.pool) receives; it hands each KREPLY (and the fds that came with it) to the
+KCALL waiting for it.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ class KernelAnswer(NamedTuple):
 
 
 class _Pending:
+    """One KCALL waiting.  ``done`` is a bare lock, taken at birth and released once by the
+    receiver: the cheapest hand-over between two Python threads (an Event costs a Condition and
+    a second lock), and there is exactly one waiter."""
+
     __slots__ = ("done", "answer")
 
     def __init__(self):
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.answer: KernelAnswer | None = None
 
 
@@ -74,7 +80,7 @@ class Channel:
             with self._lock:
                 self._pending.pop(call_id, None)
             raise
-        pending.done.wait()
+        pending.done.acquire()
         return pending.answer
 
     def deliver(self, req_id: int, status: int, value: int, tail: bytes, fds: list[int]) -> bool:
@@ -87,5 +93,5 @@ class Channel:
                 os.close(fd)
             return False
         pending.answer = KernelAnswer(status, value, tail, fds)
-        pending.done.set()
+        pending.done.release()
         return True
