@@ -25,7 +25,7 @@ from typing import Callable
 from hosts.wire import Op
 from reflector.arena import Arena
 from reflector.devices import QUARANTINED, RESTARTING, RUNNING, STOPPED, OpenRef, UserDevice
-from reflector.hostchannel import HostChannel, HostGone
+from reflector.hostchannel import HostChannel, HostGone, _TokenBucket
 
 log = logging.getLogger("drvbox.group")
 
@@ -34,6 +34,7 @@ SLOTS_PER_HOST = 8                 # requests in flight at once per host
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
 BLAMES_BEFORE_SPLIT = 2
+SYSCALL_REPORTS_PER_S = 100          # denied system calls audited per host per second before it is killed
 
 
 def _backoff(failures: int) -> float:
@@ -144,7 +145,7 @@ class HostGroup:
         try:
             channel.wait_ready()
             if sandboxed.notify_fd is not None and self.supervisor is not None:
-                self.supervisor.watch(sandboxed.notify_fd, self._syscall_denied, action=spec.on_violation,
+                self.supervisor.watch(sandboxed.notify_fd, _SyscallReports(self, sandboxed), action=spec.on_violation,
                                       kill=sandboxed.kill)
             for i, device in enumerate(self.devices, start=1):
                 device.driver_id = i
@@ -259,10 +260,10 @@ class HostGroup:
         log.log(level if level in (10, 20, 30, 40, 50) else logging.INFO, "%s: %s",
                 device.name if device else f"group {self.gid}", message[:2000])
 
-    def _syscall_denied(self, report) -> None:
+    def _syscall_denied(self, report, **extra) -> None:
         self.audit.record("syscall.denied", group=self.gid, pid=report.pid,
                           detail={"syscall": report.syscall, "nr": report.nr,
-                                  "args": [f"{a:#x}" for a in report.args], "arch": report.arch})
+                                  "args": [f"{a:#x}" for a in report.args], "arch": report.arch, **extra})
 
     # -- the end of a host, and what comes after -------------------------------------------------
 
@@ -419,6 +420,28 @@ class HostGroup:
                 "uptime": round(time.monotonic() - self.started_at, 3) if channel else 0,
                 "pss": _pss(channel.sandboxed.inner_pid) if channel else 0,
                 "devices": [d.name for d in self.devices], "solo": self.solo, "restarts": self.restarts}
+
+
+class _SyscallReports:
+    """Audits a host's denied system calls -- up to a rate.  Each report is an fsync'd, signed
+    audit record, and the supervisor serves every host: a host that makes denied calls in a loop
+    would flood the log and delay the others' reports, so past the rate it is killed instead."""
+
+    def __init__(self, group: "HostGroup", sandboxed):
+        self.group = group
+        self.sandboxed = sandboxed
+        self.bucket = _TokenBucket(SYSCALL_REPORTS_PER_S)
+        self.flooded = False
+
+    def __call__(self, report) -> None:
+        if self.flooded:
+            return
+        if self.bucket.take():
+            self.group._syscall_denied(report)
+            return
+        self.flooded = True
+        self.group._syscall_denied(report, flood=f"more than {SYSCALL_REPORTS_PER_S} denied calls a second; host killed")
+        self.sandboxed.kill()
 
 
 def _confinement_summary(c: dict | None) -> dict | None:

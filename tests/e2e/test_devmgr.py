@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 B = 0x00220000
 ECHO, SEGV, EXIT, LOOP, BOMB, SLEEP, RAISE = B, B + 4, B + 8, B + 0xC, B + 0x10, B + 0x14, B + 0x18
 FORGE_REPLY, FORGE_ID, SEND_FD, FLOOD, GARBAGE, SYSCALL = B + 0x1C, B + 0x20, B + 0x24, B + 0x28, B + 0x2C, B + 0x30
+SYSCALL_FLOOD = B + 0x34
 DENIED = 0x00330000
 ALLOW = '"IoctlAllow"=multi_sz:"0x00220000-0x002200FF"\n"MaxIoSize"=dword:10000'
 
@@ -328,3 +329,17 @@ def test_syscall_violation_kill_ends_the_host(start_dm):
         assert any(r["detail"]["syscall"] == "socket" for r in recs)
         dm.wait_audit("host.crashed", group=1)
         dm.wait_state("FLT1:", "running")
+
+
+def test_a_flood_of_denied_syscalls_is_cut_short(start_dm):
+    dm = start_dm(two_hosts())
+    with Hammer(dm):
+        with dm.client() as c, c.open("FLT1:") as h:
+            with pytest.raises(OSError) as exc:
+                h.ioctl(SYSCALL_FLOOD, b"", 0)
+            assert exc.value.errno == errno.EIO
+        dm.wait_audit("host.crashed", group=1)
+        dm.wait_state("FLT1:", "running")
+    records = dm.audit("syscall.denied")
+    assert any("flood" in r["detail"] for r in records)
+    assert len(records) <= 2 * 100 + 10, len(records)

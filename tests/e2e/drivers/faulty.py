@@ -28,6 +28,7 @@ IOCTL_SEND_FD = BASE + 0x24       # hostile: pass a file descriptor to the Refle
 IOCTL_FLOOD = BASE + 0x28         # hostile: flood the channel with log frames
 IOCTL_GARBAGE = BASE + 0x2C       # hostile: send bytes that are no frame at all
 IOCTL_SYSCALL = BASE + 0x30       # try socket(): seccomp must refuse and report it
+IOCTL_SYSCALL_FLOOD = BASE + 0x34  # hostile: denied system calls in a loop
 IOCTL_DENIED = 0x00330000         # not in any test policy's IoctlAllow
 
 
@@ -147,4 +148,13 @@ class Driver(StreamDriver):
                 struct.pack_into("<I", outbuf, 0, exc.errno)
                 return 4
             return 0
+        if code == IOCTL_SYSCALL_FLOOD:
+            import socket
+            for _ in range(100000):
+                try:
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                except OSError:
+                    pass
+            return 0
         raise DriverError(errno.ENOTTY)
+
