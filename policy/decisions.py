@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import grp
 import pwd
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from operator import itemgetter
+from typing import Callable, Iterable, Sequence
 
 from policy.document import Policy, Window, normalise_device_path
 
@@ -23,14 +23,42 @@ _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    op: str
-    reason: str
+class Decision(tuple):
+    """An answer and its reason: ``(allowed, op, reason)``, immutable, true only when allowed.
+
+    The allowed answers of the per-request checks (``may_ioctl``, ``may_transfer``) run on every
+    I/O request and their reasons are read only when someone looks: those carry a function that
+    formats the reason when it is read (``_explained``).  A tuple, built by ``tuple.__new__``,
+    because a frozen dataclass costs more to construct than the check itself.  Denials are always
+    formatted at once.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, allowed: bool, op: str, reason: str) -> "Decision":
+        return _new(cls, (allowed, op, reason))
+
+    allowed = property(itemgetter(0))
+    op = property(itemgetter(1))
+
+    @property
+    def reason(self) -> str:
+        reason = self[2]
+        return reason if type(reason) is str else reason()
 
     def __bool__(self) -> bool:
-        return self.allowed
+        return self[0]
+
+    def __repr__(self) -> str:
+        return f"Decision(allowed={self[0]!r}, op={self[1]!r}, reason={self.reason!r})"
+
+
+_new = tuple.__new__
+
+
+def _explained(op: str, explain: Callable[[], str]) -> Decision:
+    """An allow whose reason ``explain()`` formats when it is read."""
+    return _new(Decision, (True, op, explain))
 
 
 def _allow(op: str, reason: str) -> Decision:
@@ -103,30 +131,39 @@ def may_open(policy: Policy, uid: int, gids: Sequence[int], owner_uid: int) -> D
 
 def may_ioctl(policy: Policy, code: int, in_len: int, out_len: int) -> Decision:
     op = "ioctl"
-    if not _is_int(code, 0, _U32):
+    # Checked inline (not through _is_int and a loop) and the allowed reason formatted lazily:
+    # this runs on every IOCTL.  The denials are the same, in the same order.
+    if type(code) is not int or not 0 <= code <= _U32:
         return _deny(op, f"ioctl code {code!r} is not a 32-bit unsigned integer")
-    for what, n in (("input", in_len), ("output", out_len)):
-        if not _is_int(n):
-            return _deny(op, f"{what} length {n!r} is not a non-negative integer")
-        if n > policy.max_io_size:
-            return _deny(op, f"{what} length {n} exceeds MaxIoSize {policy.max_io_size}")
-    if policy.ioctl_ranges is None:
-        return _allow(op, f"code 0x{code:08X}: the policy allows every code (no IoctlAllow)")
-    for lo, hi in policy.ioctl_ranges:
+    limit = policy.max_io_size
+    if type(in_len) is not int or in_len < 0 or in_len > _U64:
+        return _deny(op, f"input length {in_len!r} is not a non-negative integer")
+    if in_len > limit:
+        return _deny(op, f"input length {in_len} exceeds MaxIoSize {limit}")
+    if type(out_len) is not int or out_len < 0 or out_len > _U64:
+        return _deny(op, f"output length {out_len!r} is not a non-negative integer")
+    if out_len > limit:
+        return _deny(op, f"output length {out_len} exceeds MaxIoSize {limit}")
+    ranges = policy.ioctl_ranges
+    if ranges is None:
+        return _explained(op, lambda: f"code 0x{code:08X}: the policy allows every code (no IoctlAllow)")
+    for lo, hi in ranges:
         if lo <= code <= hi:
-            return _allow(op, f"code 0x{code:08X} is in IoctlAllow {_hexr(lo, hi)}")
+            return _explained(op, lambda: f"code 0x{code:08X} is in IoctlAllow {_hexr(lo, hi)}")
     return _deny(op, f"code 0x{code:08X} is not in IoctlAllow")
 
 
 def may_transfer(policy: Policy, op: str, length: int) -> Decision:
     """A ``read`` or ``write`` of ``length`` bytes."""
-    if op not in ("read", "write"):
+    if op != "read" and op != "write":
         return _deny(str(op), f"unknown transfer operation {op!r}: expected 'read' or 'write'")
-    if not _is_int(length):
+    if type(length) is not int or length < 0 or length > _U64:
         return _deny(op, f"length {length!r} is not a non-negative integer")
-    if length > policy.max_io_size:
-        return _deny(op, f"{op} of {length} bytes exceeds MaxIoSize {policy.max_io_size}")
-    return _allow(op, f"{op} of {length} bytes is within MaxIoSize {policy.max_io_size}")
+    limit = policy.max_io_size
+    if length > limit:
+        return _deny(op, f"{op} of {length} bytes exceeds MaxIoSize {limit}")
+    # Formatted lazily: this runs on every read and write (see Decision).
+    return _explained(op, lambda: f"{op} of {length} bytes is within MaxIoSize {limit}")
 
 
 # --- hardware --------------------------------------------------------------------------------

@@ -54,12 +54,14 @@ class Device:
             raise _fail(errno.EMSGSIZE, d.reason)
 
     def check_ioctl(self, code: int, in_len: int, out_len: int) -> None:
-        for op, length in (("ioctl-in", in_len), ("ioctl-out", out_len)):
-            if length > self.policy.max_io_size:
-                self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,
-                                  detail={"op": "ioctl", "code": f"{code:#010x}", op: length,
-                                          "reason": f"{length} bytes exceed MaxIoSize {self.policy.max_io_size}"})
-                raise _fail(errno.EMSGSIZE, f"buffer of {length} bytes exceeds MaxIoSize {self.policy.max_io_size}")
+        limit = self.policy.max_io_size
+        if in_len > limit or out_len > limit:       # one comparison on the allowed path
+            for op, length in (("ioctl-in", in_len), ("ioctl-out", out_len)):
+                if length > limit:
+                    self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,
+                                      detail={"op": "ioctl", "code": f"{code:#010x}", op: length,
+                                              "reason": f"{length} bytes exceed MaxIoSize {limit}"})
+                    raise _fail(errno.EMSGSIZE, f"buffer of {length} bytes exceeds MaxIoSize {limit}")
         d = decisions.may_ioctl(self.policy, code, in_len, out_len)
         if not d:
             self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,

@@ -245,3 +245,22 @@ def test_port_agrees_with_model(port, width, access):
 @given(st.integers(0, 0xFFFFFFFF))
 def test_ioctl_agrees_with_model(code):
     assert bool(may_ioctl(P, code, 0, 0)) == any(lo <= code <= hi for lo, hi in P.ioctl_ranges)
+
+
+# --- the per-request allows format their reasons only when read ------------------------------
+
+def test_ioctl_and_transfer_allow_reasons_read_the_same_when_formatted_lazily():
+    assert may_ioctl(P, 0x00220004, 0, 0).reason.startswith("code 0x00220004 is in IoctlAllow 0x")
+    assert may_ioctl(policy(io__ioctls={"all": True}), 0xDEADBEEF, 0, 0).reason == \
+        "code 0xDEADBEEF: the policy allows every code (no IoctlAllow)"
+    d = may_transfer(P, "read", 4096)
+    assert d.reason == f"read of 4096 bytes is within MaxIoSize {P.max_io_size}"
+    assert d.reason == d.reason and d.allowed is True and d.op == "read"
+    assert "within MaxIoSize" in repr(d)
+
+
+def test_decision_is_immutable_and_denials_carry_formatted_reasons():
+    d = may_transfer(P, "read", P.max_io_size + 1)
+    assert not d and d.reason == f"read of {P.max_io_size + 1} bytes exceeds MaxIoSize {P.max_io_size}"
+    with pytest.raises(AttributeError):
+        d.allowed = True
