@@ -104,6 +104,10 @@ def a_write_own_dir(ctx, arg):
                       os.O_WRONLY | os.O_CREAT), 0
 
 
+def a_write_own_file(ctx, arg):
+    return open_errno(os.path.abspath(__file__), os.O_WRONLY | os.O_APPEND), 0
+
+
 def a_write_tmp(ctx, arg):
     e = open_errno("/tmp/allowed-%%d" %% os.getpid(), os.O_WRONLY | os.O_CREAT)
     if not e:
