@@ -439,6 +439,18 @@ def a_kcall_flood(ctx, arg):
     return 0, n
 
 
+def a_kernel_log_flood(ctx, arg):
+    """ctx.kernel.log, the documented API, as fast as the Reflector answers."""
+    n = 0
+    try:
+        for i in range(int(arg)):
+            ctx.kernel.log(20, "kflood-%%d" %% i)
+            n += 1
+    except OSError as exc:
+        return exc.errno, n
+    return 0, n
+
+
 ATTACKS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("a_")}
 
 
