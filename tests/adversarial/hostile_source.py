@@ -451,6 +451,13 @@ def a_kernel_log_flood(ctx, arg):
     return 0, n
 
 
+OPENS = [0]
+
+
+def a_open_count(ctx, arg):
+    return 0, OPENS[0]
+
+
 ATTACKS = {name[2:]: fn for name, fn in dict(globals()).items() if name.startswith("a_")}
 
 
@@ -459,7 +466,11 @@ class Driver(StreamDriver):
         self.ctx = ctx
 
     def open(self, access, share):
+        OPENS[0] += 1
         return {}
+
+    def close(self, opened):
+        OPENS[0] -= 1
 
     def io_control(self, opened, code, inbuf, outbuf):
         if code == ECHO:
