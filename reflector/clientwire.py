@@ -55,7 +55,7 @@ BODIES = {
 REQUESTS = {int(op): struct.Struct(_HEADER + body) for op, body in BODIES.items()}
 REPLY = struct.Struct("<BBHIiq")
 _HEAD = struct.Struct(_HEADER)
-_OPS: dict[int, Op] = {int(op): op for op in Op}     # cheaper than Op(value) on the hot path
+_HEAD_SIZE = _HEAD.size
 
 
 class ClientProtocolError(Exception):
@@ -71,6 +71,11 @@ class Request(NamedTuple):
     tail: bytes
 
 
+# Per operation number: the Op (cheaper than Op(value)) and its layout, in one lookup.
+_DECODERS: dict[int, tuple[Op, struct.Struct]] = {int(op): (op, REQUESTS[int(op)]) for op in BODIES}
+_new = tuple.__new__
+
+
 def encode_request(op: Op, req_id: int, handle: int, *fields, flags: int = 0, tail: bytes = b"") -> bytes:
     if len(tail) > MAX_INLINE:
         raise ClientProtocolError(f"inline data of {len(tail)} bytes exceeds {MAX_INLINE}")
@@ -78,26 +83,33 @@ def encode_request(op: Op, req_id: int, handle: int, *fields, flags: int = 0, ta
 
 
 def decode_request(buf: bytes) -> Request:
-    if len(buf) < _HEAD.size:
-        raise ClientProtocolError(f"request of {len(buf)} bytes is shorter than its header")
-    version, op, flags, req_id, handle = _HEAD.unpack_from(buf)
-    if version != VERSION:
-        raise ClientProtocolError(f"client protocol version {version}, this Device Manager speaks {VERSION}")
-    layout = REQUESTS.get(op)
-    if layout is None:
-        raise ClientProtocolError(f"unknown operation {op}")
+    n = len(buf)
+    if n < _HEAD_SIZE:
+        raise ClientProtocolError(f"request of {n} bytes is shorter than its header")
+    if buf[0] != VERSION:
+        raise ClientProtocolError(f"client protocol version {buf[0]}, this Device Manager speaks {VERSION}")
+    known = _DECODERS.get(buf[1])
+    if known is None:
+        raise ClientProtocolError(f"unknown operation {buf[1]}")
+    op, layout = known
+    values = layout.unpack_from(buf) if n >= layout.size else None
+    flags = buf[2] | buf[3] << 8
     if flags & ~FLAG_SHM:
         raise ClientProtocolError(f"unknown flags {flags:#x}")
-    if len(buf) < layout.size:
-        raise ClientProtocolError(f"{Op(op).name} request of {len(buf)} bytes, expected at least {layout.size}")
-    if len(buf) - layout.size > MAX_INLINE:
+    if values is None:
+        raise ClientProtocolError(f"{op.name} request of {n} bytes, expected at least {layout.size}")
+    if n - layout.size > MAX_INLINE:
         raise ClientProtocolError("inline data too large")
-    values = layout.unpack_from(buf)
-    return Request(_OPS[op], flags, req_id, handle, values[5:], bytes(buf[layout.size:]))
+    # tuple.__new__ rather than Request(...): the NamedTuple's own __new__ is a Python function.
+    return _new(Request, (op, flags, values[3], values[4], values[5:], bytes(buf[layout.size:])))
 
 
-def encode_reply(req_id: int, status: int, value: int = 0, tail: bytes = b"") -> bytes:
-    return REPLY.pack(VERSION, Op.REPLY, 0, req_id, status, value) + tail
+_REPLY_OP = int(Op.REPLY)
+
+
+def encode_reply(req_id: int, status: int, value: int = 0, tail=b"") -> bytes:
+    """``tail``: bytes or any buffer (a view of the output, sent without copying it first)."""
+    return REPLY.pack(VERSION, _REPLY_OP, 0, req_id, status, value) + tail
 
 
 def decode_reply(buf: bytes) -> tuple[int, int, int, bytes]:

@@ -30,6 +30,7 @@ MAX_HANDLES_PER_CONNECTION = 256
 MAX_SHM_BYTES = 256 * 1024 * 1024
 _CMSG = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum flag arithmetic is slow
+_NO_FDS: list[int] = []        # never appended to: shared by every message that carries none
 
 
 @dataclass(frozen=True)
@@ -145,36 +146,44 @@ class _Session:
         self.shm_view: memoryview | None = None
 
     def run(self) -> None:
+        conn, handlers, encode_reply = self.conn, self._HANDLERS, cw.encode_reply
         while True:
             try:
-                data, anc, flags, _ = self.conn.recvmsg(cw.MAX_MESSAGE, _CMSG)
+                data, anc, flags, _ = conn.recvmsg(cw.MAX_MESSAGE, _CMSG)
             except OSError:
                 return
-            fds = _fds(anc)
+            fds = _fds(anc) if anc else _NO_FDS
             if not data and not fds:
                 return
             try:
-                req = cw.decode_request(data) if not flags & _TRUNCATED else None
-                if req is None:
+                if flags & _TRUNCATED:
                     raise cw.ClientProtocolError("message larger than the protocol allows")
+                req = cw.decode_request(data)
             except cw.ClientProtocolError as exc:
                 _close_all(fds)
-                self._send(cw.encode_reply(0, errno.EINVAL, 0, str(exc).encode()[:512]))
+                self._send(encode_reply(0, errno.EINVAL, 0, str(exc).encode()[:512]))
                 continue
             try:
-                if req.op != cw.Op.SHM_ATTACH and fds:
+                if fds and req.op != cw.Op.SHM_ATTACH:
                     raise OSError(errno.EINVAL, "file descriptors are accepted only with SHM_ATTACH")
-                value, tail = self._handle(req, fds)     # mmap keeps its own duplicate of an attached fd
-                reply = cw.encode_reply(req.req_id, 0, value, tail)
+                # The closed set of operations: one handler each, anything else refused.
+                handler = handlers.get(req.op)
+                if handler is None:
+                    raise OSError(errno.EINVAL, f"operation {req.op.name} is not a client request")
+                value, tail = handler(self, req, fds)     # mmap keeps its own duplicate of an attached fd
+                reply = encode_reply(req.req_id, 0, value, tail)
             except OSError as exc:
                 code = exc.errno if isinstance(exc.errno, int) and 0 < exc.errno < 4096 else errno.EIO
-                reply = cw.encode_reply(req.req_id, code, 0, (exc.strerror or str(exc)).encode()[:512])
+                reply = encode_reply(req.req_id, code, 0, (exc.strerror or str(exc)).encode()[:512])
             except Exception as exc:       # a bug of ours must not take the connection's peers down
                 log.exception("request %s failed", req.op.name)
-                reply = cw.encode_reply(req.req_id, errno.EIO, 0, f"internal error: {exc}".encode()[:512])
+                reply = encode_reply(req.req_id, errno.EIO, 0, f"internal error: {exc}".encode()[:512])
             finally:
-                _close_all(fds)
-            if not self._send(reply):
+                if fds:
+                    _close_all(fds)
+            try:
+                conn.send(reply)
+            except OSError:
                 return
 
     def _send(self, reply: bytes) -> bool:
@@ -184,50 +193,73 @@ class _Session:
         except OSError:
             return False
 
-    # -- operations ---------------------------------------------------------------------------
+    # -- operations: one handler each, (session, request, fds) -> (value, reply tail) ---------
 
-    def _handle(self, req: cw.Request, fds: list[int]) -> tuple[int, bytes]:
-        op = req.op
-        if op == cw.Op.OPEN:
-            return self._open(req), b""
-        if op == cw.Op.LIST:
-            return 0, json.dumps(self.dm.describe()).encode()
-        if op == cw.Op.RESTART:
-            self._require_owner("restart")
-            self.dm.restart(_name(req.tail))
-            return 0, b""
-        if op == cw.Op.SHM_ATTACH:
-            self._attach(req.fields[0], fds)
-            return 0, b""
-        if op == cw.Op.HW:
-            self._require_owner("hw")
-            return 0, json.dumps(self.dm.hw_command(_json(req.tail))).encode()
+    def _op_open(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        return self._open(req), b""
+
+    def _op_list(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        return 0, json.dumps(self.dm.describe()).encode()
+
+    def _op_restart(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        self._require_owner("restart")
+        self.dm.restart(_name(req.tail))
+        return 0, b""
+
+    def _op_shm_attach(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        self._attach(req.fields[0], fds)
+        return 0, b""
+
+    def _op_hw(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        self._require_owner("hw")
+        return 0, json.dumps(self.dm.hw_command(_json(req.tail))).encode()
+
+    def _op_close(self, req: cw.Request, fds) -> tuple[int, bytes]:
         device, ref = self._lookup(req.handle)
-        if op == cw.Op.CLOSE:
-            del self.handles[req.handle]
-            device.close(ref)
-            return 0, b""
-        if op == cw.Op.SEEK:
-            offset, whence = req.fields
-            if whence not in (0, 1, 2):
-                raise OSError(errno.EINVAL, f"whence {whence} is not SEEK_SET, SEEK_CUR or SEEK_END")
-            return device.seek(ref, offset, whence), b""
-        if op == cw.Op.READ:
-            length, off = req.fields
-            out, inline = self._buffer(req, off, length)
-            n = device.read(ref, out)
-            return n, bytes(out[:n]) if inline else b""
-        if op == cw.Op.WRITE:
-            length, off = req.fields
-            data = self._input(req, off, length)
-            return device.write(ref, data), b""
-        if op == cw.Op.IOCTL:
-            code, in_len, in_off, out_len, out_off = req.fields
-            data = self._input(req, in_off, in_len)
-            out, inline = self._buffer(req, out_off, out_len)
-            n = device.ioctl(ref, code, data, out)
-            return n, bytes(out[:n]) if inline else b""
-        raise OSError(errno.EINVAL, f"operation {op.name} is not a client request")
+        del self.handles[req.handle]
+        device.close(ref)
+        return 0, b""
+
+    def _op_seek(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        device, ref = self._lookup(req.handle)
+        offset, whence = req.fields
+        if whence not in (0, 1, 2):
+            raise OSError(errno.EINVAL, f"whence {whence} is not SEEK_SET, SEEK_CUR or SEEK_END")
+        return device.seek(ref, offset, whence), b""
+
+    def _op_read(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        device, ref = self._lookup(req.handle)
+        length, off = req.fields
+        out, inline = self._buffer(req, off, length)
+        n = device.read(ref, out)
+        return n, out[:n] if inline else b""         # a view: encode_reply copies it once, into the reply
+
+    def _op_write(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        device, ref = self._lookup(req.handle)
+        length, off = req.fields
+        data = self._input(req, off, length)
+        return device.write(ref, data), b""
+
+    def _op_ioctl(self, req: cw.Request, fds) -> tuple[int, bytes]:
+        device, ref = self._lookup(req.handle)
+        code, in_len, in_off, out_len, out_off = req.fields
+        data = self._input(req, in_off, in_len)
+        out, inline = self._buffer(req, out_off, out_len)
+        n = device.ioctl(ref, code, data, out)
+        return n, out[:n] if inline else b""
+
+    _HANDLERS = {
+        cw.Op.OPEN: _op_open,
+        cw.Op.LIST: _op_list,
+        cw.Op.RESTART: _op_restart,
+        cw.Op.SHM_ATTACH: _op_shm_attach,
+        cw.Op.HW: _op_hw,
+        cw.Op.CLOSE: _op_close,
+        cw.Op.SEEK: _op_seek,
+        cw.Op.READ: _op_read,
+        cw.Op.WRITE: _op_write,
+        cw.Op.IOCTL: _op_ioctl,
+    }
 
     def _open(self, req: cw.Request) -> int:
         access, share = req.fields
