@@ -51,24 +51,37 @@ class Arena:
             os.close(self.fd)
             raise
         self.view = memoryview(self.map)
-        self._free = list(range(slots - 1, -1, -1))
-        self._available = threading.Condition(threading.Lock())
+        # Slots are made once; the free ones are a stack guarded by a bare lock.  A request takes
+        # one and gives it back with one lock round each; the Condition is used only when the
+        # stack is empty and someone has to wait (and release notifies only then).
+        self._slots = tuple(Slot(i, i * self.slot_size, self.slot_size) for i in range(slots))
+        self._free = list(reversed(self._slots))
+        self._lock = threading.Lock()
+        self._available = threading.Condition(self._lock)
+        self._waiting = 0
         self._closed = False
 
     def acquire(self, timeout: float | None) -> Slot | None:
         """Borrow a free slot, waiting up to ``timeout`` seconds; None when none came free."""
-        with self._available:
-            if not self._free and not self._available.wait_for(lambda: self._free or self._closed, timeout):
-                return None
+        with self._lock:
             if self._closed:
                 return None
-            index = self._free.pop()
-        return Slot(index, index * self.slot_size, self.slot_size)
+            if self._free:
+                return self._free.pop()
+            self._waiting += 1
+            try:
+                came = self._available.wait_for(lambda: self._free or self._closed, timeout)
+            finally:
+                self._waiting -= 1
+            if not came or self._closed:
+                return None
+            return self._free.pop()
 
     def release(self, slot: Slot) -> None:
-        with self._available:
-            self._free.append(slot.index)
-            self._available.notify()
+        with self._lock:
+            self._free.append(slot)
+            if self._waiting:
+                self._available.notify()
 
     def close(self) -> None:
         with self._available:

@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from hosts import wire
@@ -32,8 +31,11 @@ LOG_RATE_LIMIT = 200          # LOG frames per second; more is a flood
 MAX_FDS_PER_FRAME = 4         # we read this many so that we can close what a host smuggles in
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * array.array("i").itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum flag arithmetic is slow
+_MAX_FRAME_PLUS = wire.MAX_FRAME + 1    # one byte more than a frame may have: MSG_TRUNC tells
 READY_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 2.0            # how long a host that closed its channel has to finish exiting
+_monotonic = time.monotonic
+_REPLY, _KCALL, _LOG = Op.REPLY, Op.KCALL, Op.LOG
 
 
 class HostGone(Exception):
@@ -66,29 +68,38 @@ class _Done:
         return self._lock.acquire(True, -1 if timeout is None else timeout)
 
 
-@dataclass
 class _Pending:
-    op: Op
-    driver_id: int
-    max_value: int              # the largest count this request may report
-    done: _Done = field(default_factory=_Done)
-    status: int = errno.EIO
-    value: int = 0
+    """One request in flight: what its reply may say, and where the reader puts it."""
+
+    __slots__ = ("op", "driver_id", "max_value", "done", "status", "value")
+
+    def __init__(self, op: Op, driver_id: int, max_value: int):
+        self.op = op
+        self.driver_id = driver_id
+        self.max_value = max_value      # the largest count this request may report
+        self.done = _Done()
+        self.status = errno.EIO
+        self.value = 0
 
 
 class _TokenBucket:
+    __slots__ = ("rate", "tokens", "stamp")
+
     def __init__(self, rate: float):
         self.rate = rate
         self.tokens = rate
-        self.stamp = time.monotonic()
+        self.stamp = _monotonic()
 
     def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        now = _monotonic()
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.rate:
+            tokens = self.rate
         self.stamp = now
-        if self.tokens < 1:
+        if tokens < 1:
+            self.tokens = tokens
             return False
-        self.tokens -= 1
+        self.tokens = tokens - 1
         return True
 
 
@@ -175,13 +186,17 @@ class HostChannel:
         """
         req_id = next(self._ids) & 0xFFFFFFFF
         pending = _Pending(op, driver_id, max_value)
-        with self._lock:
+        lock = self._lock
+        with lock:
             if not self._alive:
                 raise HostGone(self.name)
             self._pending[req_id] = pending
         try:
             try:
-                self._send(wire.encode(op, req_id, driver_id, *fields, tail=tail))
+                frame = wire.encode(op, req_id, driver_id, *fields, tail=tail) if tail else \
+                    wire.encode(op, req_id, driver_id, *fields)
+                with self._send_lock:
+                    self.sock.send(frame)
             except OSError:
                 # The host was killed (its socket shut down) and the reader has not yet noticed:
                 # the same as dying with the request in flight.
@@ -189,7 +204,7 @@ class HostChannel:
             if not pending.done.wait(timeout):
                 raise TimeoutError(f"{self.name}: {op.name} to driver {driver_id} took longer than {timeout}s")
         finally:
-            with self._lock:
+            with lock:
                 self._pending.pop(req_id, None)
         if pending.status == -1:
             raise HostGone(self.name)
@@ -211,25 +226,20 @@ class HostChannel:
     # -- the reader: everything from the host is parsed here --------------------------------
 
     def _recv(self) -> tuple[bytes | None, list[int]]:
-        data, ancdata, msg_flags, _ = self.sock.recvmsg(wire.MAX_FRAME + 1, _CMSG_SPACE)
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % array.array("i").itemsize
-                fds.extend(array.array("i", payload[:usable]))
-        if msg_flags & _TRUNCATED:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("frame or its ancillary data larger than the protocol allows")
-        if not data and not fds:
-            return None, []
-        return data, fds
+        data, ancdata, msg_flags, _ = self.sock.recvmsg(_MAX_FRAME_PLUS, _CMSG_SPACE)
+        return self._recv_rest(data, ancdata, msg_flags)
 
     def _read_loop(self) -> None:
+        recvmsg, frames, decode, dispatch = self.sock.recvmsg, self._frames, wire.decode, self._dispatch
         try:
             while True:
                 try:
-                    data, fds = self._recv()
+                    # Inline for the common frame (data, no ancillary data); _recv for the rest.
+                    data, ancdata, msg_flags, _ = recvmsg(_MAX_FRAME_PLUS, _CMSG_SPACE)
+                    if ancdata or msg_flags & _TRUNCATED or not data:
+                        data, fds = self._recv_rest(data, ancdata, msg_flags)
+                    else:
+                        fds = None
                 except ProtocolError as exc:
                     self._violation("protocol.violation", {"reason": exc.reason})
                     return
@@ -242,12 +252,15 @@ class HostChannel:
                         os.close(fd)
                     self._violation("protocol.violation", {"reason": f"host sent {len(fds)} file descriptor(s)"})
                     return
-                if not self._frames.take():
+                if not frames.take():
                     self._violation("protocol.violation", {"reason": "frame flood"})
                     return
                 try:
-                    frame = wire.decode(data)
-                    self._dispatch(frame)
+                    frame = decode(data)
+                    if frame[0] is _REPLY:
+                        self._complete(frame)
+                    else:
+                        dispatch(frame)
                 except ProtocolError as exc:
                     self._violation("protocol.violation", {"reason": exc.reason})
                     return
@@ -256,6 +269,22 @@ class HostChannel:
                     return
         finally:
             self._gone()
+
+    def _recv_rest(self, data: bytes, ancdata, msg_flags: int) -> tuple[bytes | None, list[int]]:
+        """One received message: its data and the fds that came with it (closed, and
+        ProtocolError, if either was truncated); ``(None, [])`` at end-of-file."""
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % array.array("i").itemsize
+                fds.extend(array.array("i", payload[:usable]))
+        if msg_flags & _TRUNCATED:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError("frame or its ancillary data larger than the protocol allows")
+        if not data and not fds:
+            return None, []
+        return data, fds
 
     def _dispatch(self, frame: wire.Frame) -> None:
         if frame.op == Op.REPLY:

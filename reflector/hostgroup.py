@@ -34,6 +34,7 @@ SLOTS_PER_HOST = 8                 # requests in flight at once per host
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 5.0
 BLAMES_BEFORE_SPLIT = 2
+_READ, _WRITE = Op.READ, Op.WRITE
 SYSCALL_REPORTS_PER_S = 100          # denied system calls audited per host per second before it is killed
 
 
@@ -174,6 +175,15 @@ class HostGroup:
     # -- requests --------------------------------------------------------------------------------
 
     def _current(self, opening: bool, ref: OpenRef | None) -> tuple[HostChannel, int]:
+        # Fast path, without the Condition: a running host whose channel is the same object
+        # before and after reading the generation.  _host_dead clears the channel before it
+        # bumps the generation, so the pair read here is one that held together; anything else
+        # (starting, restarting, a handle of an older host) takes the locked path below.
+        channel = self.channel
+        if channel is not None and not opening and self.state == RUNNING:
+            generation = self.generation
+            if self.channel is channel and (ref is None or ref.generation == generation):
+                return channel, generation
         with self._cond:
             if opening and self.state in (STARTING, RESTARTING, STOPPED) and not self._stopping:
                 self._cond.wait_for(lambda: self.state not in (STARTING, RESTARTING, STOPPED), self.timeout_s)
@@ -187,8 +197,9 @@ class HostGroup:
             return self.channel, self.generation
 
     def _call(self, channel: HostChannel, device, op: Op, fields: tuple, max_value: int) -> int:
+        timeout = self.settings.timeout_ms / 1000.0
         try:
-            status, value = channel.call(op, device.driver_id, fields, max_value=max_value, timeout=self.timeout_s)
+            status, value = channel.call(op, device.driver_id, fields, max_value=max_value, timeout=timeout)
         except TimeoutError:
             self.audit.record("host.timeout", device=device.name, driver=device.entry.dll, group=self.gid,
                               pid=channel.sandboxed.inner_pid,
@@ -211,22 +222,22 @@ class HostGroup:
         """A request with buffers: input copied into a slot once, output copied out once."""
         channel, _ = self._current(False, ref)
         arena = channel.arena
-        slot = arena.acquire(self.timeout_s)
+        slot = arena.acquire(self.settings.timeout_ms / 1000.0)
         if slot is None:
             raise _fail(errno.ETIMEDOUT if channel.alive else errno.EIO, f"no free arena slot for {device.name}")
         try:
             in_len = len(data) if data is not None else 0
             out_len = len(out) if out is not None else 0
             in_off = slot.offset
-            out_off = slot.offset + ((in_len + 63) & ~63)
-            if out_off + out_len > slot.offset + slot.size:
+            out_off = in_off + ((in_len + 63) & ~63)
+            if out_off + out_len > in_off + slot.size:
                 raise _fail(errno.EMSGSIZE, f"{in_len}+{out_len} bytes do not fit one arena slot")
             view = arena.view
             if in_len:
                 view[in_off:in_off + in_len] = data
-            if op == Op.READ:
+            if op == _READ:
                 fields, limit = (ref.open_id, out_off, out_len), out_len
-            elif op == Op.WRITE:
+            elif op == _WRITE:
                 fields, limit = (ref.open_id, in_off, in_len), in_len
             else:
                 fields, limit = (ref.open_id, code, in_off, in_len, out_off, out_len), out_len

@@ -37,3 +37,34 @@ def test_close_wakes_waiters_with_nothing():
     arena.acquire(0)
     arena.close()
     assert arena.acquire(1) is None
+
+
+def test_a_waiter_gets_the_slot_another_request_releases():
+    import threading
+    arena = Arena("t", 4096, 1)
+    try:
+        held = arena.acquire(0)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(arena.acquire(30)))
+        waiter.start()
+        while not arena._waiting and waiter.is_alive():    # until it waits (no sleep, no threshold)
+            threading.Event().wait(0.001)
+        arena.release(held)
+        waiter.join()
+        assert got == [held]
+    finally:
+        arena.close()
+
+
+def test_a_close_wakes_a_blocked_waiter_with_nothing():
+    import threading
+    arena = Arena("t", 4096, 1)
+    arena.acquire(0)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(arena.acquire(30)))
+    waiter.start()
+    while not arena._waiting and waiter.is_alive():
+        threading.Event().wait(0.001)
+    arena.close()
+    waiter.join()
+    assert got == [None]
