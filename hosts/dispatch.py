@@ -29,6 +29,7 @@ _MAX_VALUE = (1 << 63) - 1
 _METHODS = ("init", "deinit", "open", "close", "read", "write", "seek", "io_control",
             "power_up", "power_down", "pre_close", "pre_deinit")
 _module_serial = itertools.count(1)
+_MISSING = object()      # a handle table's "no such open_id" (a driver's open may return None)
 
 
 class LoadError(Exception):
@@ -113,6 +114,8 @@ class LoadedDriver:
             method = getattr(instance, name, None)
             self._calls[name] = method if callable(method) else getattr(defaults, name)
         self.driver = instance
+        # The three calls on the I/O path, bound once (no lookup by name per request).
+        self._read, self._write, self._io_control = self._calls["read"], self._calls["write"], self._calls["io_control"]
         if not isinstance(registry, RegistryView):
             registry = RegistryView(registry)
         self.ctx = DriverContext(registry, kernel, device)
@@ -128,8 +131,11 @@ class LoadedDriver:
     # -- the one place driver code is called --------------------------------------------------
 
     def _call(self, name: str, *args) -> tuple[int, object]:
+        return self._invoke(name, self._calls[name], *args)
+
+    def _invoke(self, name: str, method: Callable, *args) -> tuple[int, object]:
         try:
-            return 0, self._calls[name](*args)
+            return 0, method(*args)
         except DriverError as exc:
             code = _driver_errno(exc)
             if code:
@@ -152,10 +158,14 @@ class LoadedDriver:
         return 0, result
 
     def _opened(self, open_id: int) -> tuple[bool, object]:
-        with self._lock:
-            if self._unloaded or open_id not in self._handles:
-                return False, None
-            return True, self._handles[open_id]
+        # No lock: one dict lookup is atomic, and a close or unload racing with this call is
+        # ordered before or after it either way, as it would be by the lock.
+        if self._unloaded:
+            return False, None
+        opened = self._handles.get(open_id, _MISSING)
+        if opened is _MISSING:
+            return False, None
+        return True, opened
 
     # -- the stream interface -----------------------------------------------------------------
 
@@ -192,7 +202,9 @@ class LoadedDriver:
         ok, opened = self._opened(open_id)
         if not ok:
             return errno.EBADF, 0
-        status, result = self._call("read", opened, out)
+        status, result = self._invoke("read", self._read, opened, out)
+        if not status and type(result) is int and 0 <= result <= len(out):
+            return 0, result
         return self._count("read", status, result, len(out))
 
     def write(self, open_id: int, data: memoryview) -> tuple[int, int]:
@@ -200,7 +212,9 @@ class LoadedDriver:
         if not ok:
             return errno.EBADF, 0
         data = data if data.readonly else data.toreadonly()
-        status, result = self._call("write", opened, data)
+        status, result = self._invoke("write", self._write, opened, data)
+        if not status and type(result) is int and 0 <= result <= len(data):
+            return 0, result
         return self._count("write", status, result, len(data))
 
     def seek(self, open_id: int, offset: int, whence: int) -> tuple[int, int]:
@@ -215,7 +229,10 @@ class LoadedDriver:
         if not ok:
             return errno.EBADF, 0
         inbuf = inbuf if inbuf.readonly else inbuf.toreadonly()
-        status, result = self._call("io_control", opened, code, inbuf, outbuf)
+        status, result = self._invoke("io_control", self._io_control, opened, code, inbuf, outbuf)
+        # The good count checked here; _count (and its message, with the code) only for the rest.
+        if not status and type(result) is int and 0 <= result <= len(outbuf):
+            return 0, result
         return self._count(f"io_control {code:#010x}", status, result, len(outbuf))
 
     def pre_close(self, open_id: int) -> tuple[int, int]:

@@ -48,6 +48,8 @@ _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _TRUNC = int(socket.MSG_TRUNC)
 _HOST_SENT_OPS = frozenset({Op.READY, Op.REPLY, Op.KCALL, Op.LOG})
+# Looking a member up on its Enum class costs more than comparing it: once, here.
+_LOAD, _UNLOAD, _SHUTDOWN, _KREPLY, _REPLY = Op.LOAD, Op.UNLOAD, Op.SHUTDOWN, Op.KREPLY, Op.REPLY
 # Stack of each thread started in the host (workers, and threads drivers start): glibc's default
 # is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
 # use up the limit; 1 MiB is ample for Python, whose calls between Python functions do not
@@ -153,13 +155,13 @@ class Host:
             except ProtocolError as exc:
                 _close(fds)
                 return self._violation(HostExit.BAD_FRAME, exc.reason)
-            if fds and frame.op != Op.KREPLY:
+            if fds and frame.op != _KREPLY:
                 _close(fds)
                 return self._violation(HostExit.UNEXPECTED_FDS,
                                        f"{len(fds)} file descriptor(s) on a {frame.op.name} frame")
             if frame.op in _HOST_SENT_OPS:
                 return self._violation(HostExit.BAD_FRAME, f"{frame.op.name} is sent by hosts, not to them")
-            if frame.op == Op.KREPLY:
+            if frame.op == _KREPLY:
                 status, value = frame.fields
                 if not self.channel.deliver(frame.req_id, status, value, frame.tail, fds):
                     return self._violation(HostExit.BAD_FRAME, f"KREPLY {frame.req_id} answers no KCALL")
@@ -172,7 +174,7 @@ class Host:
 
     def _reply(self, frame: Frame, status: int, value: int = 0) -> None:
         try:
-            self.channel.send(Op.REPLY, frame.req_id, frame.driver_id, status, value)
+            self.channel.send(_REPLY, frame.req_id, frame.driver_id, status, value)
         except OSError:
             pass  # the Reflector is gone; the reader sees EOF and ends the host
 
@@ -182,14 +184,14 @@ class Host:
         """Handle what is quick here; for a driver's call return ``(pool, job)`` for the leader
         to run or give away.  None: handled (replied, or given to a new pool at LOAD)."""
         op = frame.op
-        if op == Op.LOAD:
+        if op == _LOAD:
             return self._load(frame)
-        if op == Op.SHUTDOWN:
+        if op == _SHUTDOWN:
             return self._shutdown()
         slot = self.slots.get(frame.driver_id)
         if slot is None:
             return self._reply(frame, errno.ENODEV)
-        if op == Op.UNLOAD:
+        if op == _UNLOAD:
             del self.slots[frame.driver_id]  # later requests for it fail at once with ENODEV
             self.crew.set_leads(slot.pool, False)  # its threads are about to stop: none may be blocked receiving
             return slot.pool, lambda: self._unload(slot, frame)
@@ -210,36 +212,56 @@ class Host:
         """``(call, views)`` for one request: the LoadedDriver call, and the arena views it was
         given (released after it).  The views are made and checked here, on the reader, so that a
         request outside the arena is refused before it is queued.  None: refuse with EINVAL (an
-        operation not listed here included)."""
-        op, f = frame.op, frame.fields
-        if op == Op.OPEN:
-            return (lambda d: d.open(f[0], f[1])), ()
-        if op == Op.CLOSE:
-            return (lambda d: d.close(f[0])), ()
-        if op == Op.PRE_CLOSE:
-            return (lambda d: d.pre_close(f[0])), ()
-        if op == Op.POWER:
-            return (lambda d: d.power(bool(f[0]))), ()
-        if op == Op.SEEK:
-            return (lambda d: d.seek(f[0], f[1], f[2])), ()
-        if op == Op.READ:
-            out = self._view(f[1], f[2], writable=True)
-            return None if out is None else ((lambda d: d.read(f[0], out)), (out,))
-        if op == Op.WRITE:
-            data = self._view(f[1], f[2], writable=False)
-            return None if data is None else ((lambda d: d.write(f[0], data)), (data,))
-        if op == Op.IOCTL:
-            in_off, in_len, out_off, out_len = f[2:]
-            # Overlapping buffers would let the driver change its input while reading it, after
-            # the Reflector checked it; the Reflector never allocates them so.
-            if in_len and out_len and in_off < out_off + out_len and out_off < in_off + in_len:
-                return None
-            inbuf = self._view(in_off, in_len, writable=False)
-            outbuf = self._view(out_off, out_len, writable=True)
-            if inbuf is None or outbuf is None:
-                return None
-            return (lambda d: d.ioctl(f[0], f[1], inbuf, outbuf)), (inbuf, outbuf)
-        return None
+        operation not in ``_CALLS`` included)."""
+        prepare = self._CALLS.get(frame.op)
+        return None if prepare is None else prepare(self, frame.fields)
+
+    # One per driver operation: fields -> (call, views), or None to refuse with EINVAL.
+    def _open_call(self, f):
+        return (lambda d: d.open(f[0], f[1])), ()
+
+    def _close_call(self, f):
+        return (lambda d: d.close(f[0])), ()
+
+    def _pre_close_call(self, f):
+        return (lambda d: d.pre_close(f[0])), ()
+
+    def _power_call(self, f):
+        return (lambda d: d.power(bool(f[0]))), ()
+
+    def _seek_call(self, f):
+        return (lambda d: d.seek(f[0], f[1], f[2])), ()
+
+    def _read_call(self, f):
+        out = self._view(f[1], f[2], writable=True)
+        return None if out is None else ((lambda d: d.read(f[0], out)), (out,))
+
+    def _write_call(self, f):
+        data = self._view(f[1], f[2], writable=False)
+        return None if data is None else ((lambda d: d.write(f[0], data)), (data,))
+
+    def _ioctl_call(self, f):
+        in_off, in_len, out_off, out_len = f[2:]
+        # Overlapping buffers would let the driver change its input while reading it, after
+        # the Reflector checked it; the Reflector never allocates them so.
+        if in_len and out_len and in_off < out_off + out_len and out_off < in_off + in_len:
+            return None
+        inbuf = self._view(in_off, in_len, writable=False)
+        outbuf = self._view(out_off, out_len, writable=True)
+        if inbuf is None or outbuf is None:
+            return None
+        return (lambda d: d.ioctl(f[0], f[1], inbuf, outbuf)), (inbuf, outbuf)
+
+    _CALLS = {
+        Op.OPEN: _open_call,
+        Op.CLOSE: _close_call,
+        Op.PRE_CLOSE: _pre_close_call,
+        Op.POWER: _power_call,
+        Op.SEEK: _seek_call,
+        Op.READ: _read_call,
+        Op.WRITE: _write_call,
+        Op.IOCTL: _ioctl_call,
+    }
 
     def _run(self, slot: _Slot, frame: Frame, call, views: tuple) -> None:
         slot.ready.wait()

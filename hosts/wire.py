@@ -109,6 +109,12 @@ _HEADER = struct.Struct(HEADER)
 _OPS: dict[int, Op] = {int(op): op for op in Op}
 
 
+# Per operation number: the Op, its struct and its size, in one lookup.
+_DECODERS: dict[int, tuple[Op, struct.Struct, int]] = {
+    code: (_OPS[code], layout, layout.size) for code, layout in STRUCTS.items()}
+_new = tuple.__new__
+
+
 class Frame(NamedTuple):
     op: Op
     req_id: int
@@ -138,13 +144,14 @@ def decode(buf: bytes | memoryview) -> Frame:
         raise ProtocolError(f"protocol version {version}, expected {PROTOCOL_VERSION}")
     if reserved:
         raise ProtocolError(f"reserved header field is {reserved:#x}, must be 0")
-    layout = STRUCTS.get(op)
-    if layout is None:
+    known = _DECODERS.get(op)
+    if known is None:
         raise ProtocolError(f"unknown operation {op}")
     if tail_len > MAX_TAIL:
         raise ProtocolError(f"declared tail of {tail_len} bytes exceeds the limit of {MAX_TAIL}")
-    if n != layout.size + tail_len:
-        raise ProtocolError(
-            f"{Op(op).name} frame is {n} bytes, expected {layout.size} + tail {tail_len}")
-    values = layout.unpack_from(buf, 0)
-    return Frame(_OPS[op], req_id, driver_id, values[6:], bytes(buf[layout.size:]))
+    member, layout, size = known
+    if n != size + tail_len:
+        raise ProtocolError(f"{member.name} frame is {n} bytes, expected {size} + tail {tail_len}")
+    # tuple.__new__ rather than Frame(...), whose __new__ is a Python function: one per frame.
+    return _new(Frame, (member, req_id, driver_id, layout.unpack_from(buf, 0)[6:],
+                        bytes(buf[size:]) if tail_len else b""))
