@@ -34,6 +34,7 @@ __all__ = ["connect", "DeviceManager", "Handle"]
 
 SHM_THRESHOLD = 16 * 1024
 _ACCESS = {"r": 1, "w": 2, "rw": 3, "wr": 3}
+_IOCTL = cw.Op.IOCTL
 
 
 def connect(path: str | os.PathLike | None = None) -> "DeviceManager":
@@ -189,7 +190,8 @@ class Handle:
         return pos
 
     def ioctl(self, code: int, inbuf: bytes = b"", out_size: int = 0) -> bytes:
-        inbuf = memoryview(inbuf).cast("B")
+        if type(inbuf) is not bytes:              # bytes go as they are: no view, no copy
+            inbuf = memoryview(inbuf).cast("B")
         if len(inbuf) + out_size > SHM_THRESHOLD:
             in_room = (len(inbuf) + 63) & ~63
             with self.dm._lock_shm(in_room + out_size) as view:
@@ -197,7 +199,8 @@ class Handle:
                 n, _ = self.dm._call(cw.Op.IOCTL, self.handle, code, len(inbuf), 0, out_size, in_room,
                                      flags=cw.FLAG_SHM)
                 return bytes(view[in_room:in_room + n])
-        _, out = self.dm._call(cw.Op.IOCTL, self.handle, code, len(inbuf), 0, out_size, 0, tail=bytes(inbuf))
+        _, out = self.dm._call(_IOCTL, self.handle, code, len(inbuf), 0, out_size, 0,
+                               tail=inbuf if type(inbuf) is bytes else bytes(inbuf))
         return out
 
     def close(self) -> None:
