@@ -48,7 +48,7 @@ class Device:
     # Checks shared by both modes: each returns only when the policy allows the call.
     def check_transfer(self, op: str, length: int) -> None:
         d = decisions.may_transfer(self.policy, op, length)
-        if not d:
+        if not d.allowed:
             self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,
                               detail={"op": op, "length": length, "reason": d.reason})
             raise _fail(errno.EMSGSIZE, d.reason)
@@ -63,7 +63,7 @@ class Device:
                                               "reason": f"{length} bytes exceed MaxIoSize {limit}"})
                     raise _fail(errno.EMSGSIZE, f"buffer of {length} bytes exceeds MaxIoSize {limit}")
         d = decisions.may_ioctl(self.policy, code, in_len, out_len)
-        if not d:
+        if not d.allowed:
             self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,
                               detail={"op": "ioctl", "code": f"{code:#010x}", "reason": d.reason})
             raise _fail(errno.EACCES, d.reason)
