@@ -378,6 +378,10 @@ def a_spin(ctx, arg):
         pass
 
 
+def a_exit(ctx, arg):
+    os._exit(3)
+
+
 def a_whoami(ctx, arg):
     return 0, ctx.kernel.driver_id
 
