@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Hammer, attack
+from adv_kit import Hammer, attack
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 

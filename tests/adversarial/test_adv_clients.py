@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ATTACK, ECHO, attack
+from adv_kit import ATTACK, ECHO, attack
 from reflector import clientwire as cw
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import ECHO, attack, hostile, reg_group, start
+from adv_kit import ECHO, attack, hostile, reg_group, start
 from reflector import clientwire as cw
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import attack, denied_syscalls
+from adv_kit import attack, denied_syscalls
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 

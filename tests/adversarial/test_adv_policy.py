@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import ECHO, attack, hostile, reg_group, write_hostile
+from adv_kit import ECHO, attack, hostile, reg_group, write_hostile
 from dm_harness import DeviceManagerProcess
 from policy import signing
 

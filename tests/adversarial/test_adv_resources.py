@@ -10,7 +10,7 @@ import errno
 
 import pytest
 
-from conftest import Hammer, attack
+from adv_kit import Hammer, attack
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
