@@ -20,7 +20,7 @@ import time
 from typing import Callable
 
 from hosts import wire
-from hosts.wire import Op, ProtocolError
+from hosts.wire import KernelOp, Op, ProtocolError
 
 log = logging.getLogger("drvbox.host")
 
@@ -292,6 +292,9 @@ class HostChannel:
         elif frame.op == Op.KCALL:
             if frame.driver_id not in self._known_drivers():
                 raise ProtocolError(f"kernel call for driver id {frame.driver_id}, which this host does not hold")
+            # ctx.kernel.log lands in the same log as LOG frames: the same limit, whichever way it comes.
+            if frame.fields[0] == KernelOp.LOG and not self._logs.take():
+                raise ProtocolError("log flood (ctx.kernel.log)")
             status, value, tail, fds = self._on_kernel_call(self, frame)
             try:
                 self._send(wire.encode(Op.KREPLY, frame.req_id, frame.driver_id, status, value, tail=tail), fds)

@@ -137,11 +137,6 @@ def test_raw_kcall_flood_ends_the_host(hostile_dm):
 LOG_RATE_LIMIT = 200      # reflector/hostchannel.py: LOG frames per second before it is a flood
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ctx.kernel.log (KCALL KernelOp.LOG) is limited only by FRAME_RATE_LIMIT (20000/s), not by "
-    "LOG_RATE_LIMIT (200/s) that Op.LOG frames get: a driver writes tens of thousands of "
-    "2000-character lines a second into the Device Manager's log (reflector/kernel_ops.py "
-    "KernelOps._log; reflector/hostchannel.py _dispatch takes self._logs only for Op.LOG)"))
 def test_kernel_log_flood_is_limited_like_log_frames(hostile_dm):
     hostile_dm.wait_state("HOS1:", "running")
     lines_before = hostile_dm.log().count("kflood-")
