@@ -29,6 +29,7 @@ from policy.document import Policy, format_datetime
 from policy.errors import PolicyError
 from policy.drivers import find_drivers, group_settings
 from policy.modules import ModuleNotFound, resolve_module
+from policy.pinning import pin_module
 from policy.regfile import parse_files
 from reflector import devkeys
 from reflector.devices import REJECTED, Device, KernelDevice, UserDevice
@@ -128,7 +129,8 @@ class DeviceManager:
                 log.error("%s: device name %s is already taken; skipped", entry.key_path, entry.name)
                 continue
             try:
-                module = str(resolve_module(entry.dll, search_path).path)
+                module_ref = resolve_module(entry.dll, search_path)
+                module = str(module_ref.path)
             except ModuleNotFound as exc:
                 log.error("%s", exc)
                 self.audit.record("policy.rejected", device=entry.name, driver=entry.dll, group=entry.group,
@@ -156,8 +158,18 @@ class DeviceManager:
                 log.error("%s (%s): policy rejected: %s: %s", entry.name, entry.key_path, reason, detail)
                 self.devices[entry.name.casefold()] = RejectedDevice(entry, module, self.audit, reason)
                 continue
+            # Every host of this driver, now and after restarts, loads a checked private copy of
+            # the module the policy names: replacing the file on the driver path changes nothing.
+            try:
+                module = str(pin_module(module_ref, policy.module_sha256, cfg.state_dir).path)
+            except PolicyError as exc:
+                self.audit.record("policy.rejected", device=entry.name, driver=entry.dll, group=entry.group,
+                                  detail={"reason": "module-mismatch", "detail": str(exc), "key": entry.key_path})
+                log.error("%s (%s): %s", entry.name, entry.key_path, exc)
+                self.devices[entry.name.casefold()] = RejectedDevice(entry, module, self.audit, "module-mismatch")
+                continue
             self.audit.record("policy.loaded", device=entry.name, driver=entry.dll, group=entry.group,
-                              detail={"serial": policy.serial, "key": entry.key_path})
+                              detail={"serial": policy.serial, "key": entry.key_path, "module": module})
             device = UserDevice(entry, policy, module, self.audit)
             self.devices[entry.name.casefold()] = device
             gid = entry.group if entry.group is not None else self._solo_id()

@@ -123,11 +123,6 @@ def test_a_policy_signed_by_an_untrusted_key_is_rejected(dms):
     assert_only_hos1_rejected(dm, "unknown-key")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the module's sha256 is checked only when the policy is accepted at start "
-    "(policy/acceptance.py): a module replaced afterwards is imported unchecked by the next host "
-    "start (reflector/hostgroup.py restart -> hosts/loader.py), so a crash after the swap runs code "
-    "the signed policy does not name"))
 def test_a_module_swapped_after_acceptance_is_not_run_on_restart(dms):
     dm = dms()
     dm.start()
