@@ -365,18 +365,20 @@ class HostGroup:
             self.start()
         except Exception as exc:            # a failed start counts as a failure like a crash
             log.error("group %d: restart failed: %s", self.gid, exc)
-            self.audit.record("host.crashed", group=self.gid, detail={"phase": "start", "error": str(exc)})
             now = time.monotonic()
             self._failures.append(now)
-            if len(self._failures) > self.settings.restart_limit:
-                with self._cond:
-                    self.state = QUARANTINED
-                    self._cond.notify_all()
+            quarantine = len(self._failures) > self.settings.restart_limit
+            with self._cond:
+                self.state = QUARANTINED if quarantine else RESTARTING
+                self._cond.notify_all()
+            if not quarantine:
+                # Scheduled before anything else can fail (the audit log too may be out of fds).
+                self._schedule_restart(_backoff(len(self._failures) + 1))
+            self._record("host.crashed", group=self.gid, detail={"phase": "start", "error": str(exc)})
+            if quarantine:
                 for d in self.devices:
-                    self.audit.record("driver.quarantined", device=d.name, group=self.gid,
-                                      detail={"reason": "host could not be started", "error": str(exc)})
-                return
-            self._schedule_restart(_backoff(len(self._failures) + 1))
+                    self._record("driver.quarantined", device=d.name, group=self.gid,
+                                 detail={"reason": "host could not be started", "error": str(exc)})
             return
         if first:
             return
@@ -385,6 +387,13 @@ class HostGroup:
             d.restarts += 1
         self.audit.record("host.restarted", group=self.gid, pid=self.channel.sandboxed.inner_pid if self.channel else None,
                           detail={"restarts": self.restarts, "ms": round((time.monotonic() - t0) * 1000, 1)})
+
+    def _record(self, event: str, **fields) -> None:
+        """Audit from a restart thread: a failing audit log is logged, and the thread goes on."""
+        try:
+            self.audit.record(event, **fields)
+        except Exception as exc:
+            log.error("group %d: could not audit %s: %s", self.gid, event, exc)
 
     def restart_now(self) -> None:
         """`drvbox restart`: kill the host (if any) and start afresh; lifts a quarantine."""

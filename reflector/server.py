@@ -14,10 +14,12 @@ import json
 import logging
 import mmap
 import os
+import resource
 import socket
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,13 @@ from reflector import clientwire as cw
 log = logging.getLogger("drvbox.server")
 
 MAX_HANDLES_PER_CONNECTION = 256
+# Connections cost a thread and up to two fds (the socket, a shared-memory mapping).  The Device
+# Manager's own work -- hosts' channels, arenas, pidfds, listeners, the audit log -- must never
+# find its fds taken by clients: they get what the fd limit leaves after this reserve, halved,
+# and never more than MAX_CONNECTIONS.  A uid other than root and the owner gets half of that.
+MAX_CONNECTIONS = 512
+FD_RESERVE = 128
+REFUSALS_AUDITED_PER_S = 1          # a flood of refused connections is one record a second, with a count
 MAX_SHM_BYTES = 256 * 1024 * 1024
 _CMSG = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum flag arithmetic is slow
@@ -61,6 +70,9 @@ class Server:
         self.sock: socket.socket | None = None
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
+        self._uids: dict[socket.socket, int] = {}
+        self._refusals = 0
+        self._refusal_stamp = float("-inf")
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -91,15 +103,56 @@ class Server:
         while not self._stopping:
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping:
                     return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    time.sleep(0.05)         # out of fds: do not spin; connections wait in the backlog
                 continue
-            t = threading.Thread(target=self._serve, args=(conn,), name="client", daemon=True)
+            caller, refusal = self._admit(conn)
+            if refusal:
+                conn.close()
+                self._refused(refusal)
+                continue
+            t = threading.Thread(target=self._serve, args=(conn, caller), name="client", daemon=True)
             with self._lock:
                 self._conns.add(conn)
+                self._uids[conn] = caller.uid
                 self._threads.add(t)
             t.start()
+
+    def connection_limit(self) -> int:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)   # read each time: it can be lowered under us
+        return max(1, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // 2))
+
+    def _admit(self, conn: socket.socket) -> tuple["Caller | None", str | None]:
+        """The caller of a new connection, and why it is refused (None: admitted)."""
+        limit = self.connection_limit()
+        try:
+            caller = _peer(conn)
+        except OSError:
+            return None, "peer credentials unreadable"
+        with self._lock:
+            total = len(self._conns)
+            mine = sum(1 for uid in self._uids.values() if uid == caller.uid)
+        if total >= limit:
+            return caller, f"{total} connections open, the limit is {limit}"
+        if caller.uid not in (0, self.dm.owner_uid) and mine >= limit // 2:
+            return caller, f"uid {caller.uid} holds {mine} connections, the per-user limit is {limit // 2}"
+        return caller, None
+
+    def _refused(self, why: str) -> None:
+        """Audit refused connections: the first at once, then a count at most once a second."""
+        now = time.monotonic()
+        self._refusals += 1
+        if now - self._refusal_stamp >= 1 / REFUSALS_AUDITED_PER_S:
+            self._refusal_stamp = now
+            count, self._refusals = self._refusals, 0
+            log.warning("refused %d client connection(s): %s", count, why)
+            try:
+                self.dm.audit.record("client.denied", detail={"reason": why, "connections_refused": count})
+            except Exception as exc:       # the audit log's trouble is not the accept loop's end
+                log.error("audit of refused connections failed: %s", exc)
 
     def stop(self) -> None:
         self._stopping = True
@@ -121,14 +174,15 @@ class Server:
         except FileNotFoundError:
             pass
 
-    def _serve(self, conn: socket.socket) -> None:
-        session = _Session(self.dm, conn, _peer(conn))
+    def _serve(self, conn: socket.socket, caller: "Caller") -> None:
+        session = _Session(self.dm, conn, caller)
         try:
             session.run()
         finally:
             session.close()
             with self._lock:
                 self._conns.discard(conn)
+                self._uids.pop(conn, None)
                 self._threads.discard(threading.current_thread())
             conn.close()
 

@@ -87,13 +87,6 @@ def test_after_a_connection_flood_the_device_manager_serves_again(flood_dm):
     assert flood_dm.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no cap on client connections (reflector/server.py Server._accept_loop starts a thread per "
-    "accepted connection without limit): a client that can reach the socket takes every fd of "
-    "the Device Manager, after which the audit log's checkpoint fails with EMFILE ('fsync of the "
-    "audit log failed: Too many open files') and a crashed host cannot be restarted: the restart "
-    "thread dies on EMFILE in reflector/arena.py and the group stays 'starting' (ENODEV) even "
-    "after the flood ends; new clients cannot connect at all while the flood is held"))
 def test_a_connection_flood_does_not_starve_hosts_or_the_audit_log(flood_dm):
     with flood_dm.client() as c, c.open("HOS1:") as hos, c.open("OKY1:") as oky:
         with Flood(flood_dm.socket):
