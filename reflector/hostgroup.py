@@ -291,7 +291,9 @@ class HostGroup:
         status = channel.sandboxed.wait(timeout=5)
         # Everything the dead host held (mappings, DMA, interrupts, fds) goes back now: the
         # next host must ask again, and is checked again.
-        self.kernel_ops.host_gone(channel)
+        released = self.kernel_ops.host_gone(channel)
+        if released.get("drivers"):
+            self._record("host.reclaimed", group=self.gid, pid=channel.sandboxed.inner_pid, detail=released)
         if self.supervisor is not None and channel.sandboxed.notify_fd is not None:
             self.supervisor.unwatch(channel.sandboxed.notify_fd)
         channel.arena.close()

@@ -231,6 +231,8 @@ def test_resources_reclaimed_after_a_crash(start_dm):
             p(hwprobe.EXIT, 3)
         assert exc.value.errno == errno.EIO
     dm.wait_audit("host.crashed", group=1)
+    (reclaimed,) = dm.wait_audit("host.reclaimed", group=1)
+    assert reclaimed["detail"]["dma_bytes"] == DMA_SIZE and reclaimed["detail"]["interrupts"] == [9]
     dm.wait_state("PRB1:", "running")
     # The restarted host holds nothing: it must ask again, and everything is there to be had.
     with dm.client() as c, c.open("PRB1:") as h:
