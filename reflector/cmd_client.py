@@ -47,7 +47,10 @@ def _connect(args):
 
 def _fail(args, exc: OSError) -> int:
     where = getattr(args, "device", None)
-    print(f"drvbox {args.verb}{' ' + where if where else ''}: {exc.strerror or exc}", file=sys.stderr)
+    # "drvbox ioctl COM1: Permission denied: ..." -- a device name brings its own colon.
+    prefix = f"drvbox {args.verb} {where}" if where else f"drvbox {args.verb}"
+    sep = " " if prefix.endswith(":") else ": "
+    print(f"{prefix}{sep}{exc.strerror or exc}", file=sys.stderr)
     return 1
 
 
