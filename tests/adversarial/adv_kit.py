@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import threading
 from pathlib import Path
 
 
@@ -18,7 +17,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "e2e"))
 sys.path.insert(0, str(HERE))
 
-from dm_harness import DeviceManagerProcess, reg_driver, reg_group  # noqa: E402
+from dm_harness import DeviceManagerProcess, Hammer, reg_driver, reg_group  # noqa: E402,F401 (Hammer: for the tests)
 from hostile_source import ATTACK, ECHO, SENTINEL, SOURCE  # noqa: E402
 
 ALLOW = '"IoctlAllow"=multi_sz:"0x00220000-0x002200FF"\n"MaxIoSize"=dword:10000'
@@ -54,36 +53,6 @@ def denied_syscalls(dm, group: int) -> set[str]:
 def start(tmp: Path, registry: str, **kw) -> DeviceManagerProcess:
     drivers = write_hostile(tmp / "untrusted-drivers")
     return DeviceManagerProcess(tmp, registry, driver_dirs=[drivers], **kw).start()
-
-
-class Hammer:
-    """Keeps asking ``device`` for echoes from another thread; every failure fails the test."""
-
-    def __init__(self, dm, device: str = "OKY1:"):
-        self.dm, self.device = dm, device
-        self.failures: list[BaseException] = []
-        self.count = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        try:
-            with self.dm.client() as c, c.open(self.device) as h:
-                while not self.stop.is_set():
-                    assert h.ioctl(ECHO, b"ping", 4) == b"ping"
-                    self.count += 1
-        except BaseException as exc:     # noqa: BLE001 -- every failure is the test's business
-            self.failures.append(exc)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
-        assert not self.failures, self.failures
-        assert self.count > 0, f"{self.device} answered nothing while the attack ran"
 
 
 def hostile_dm_fixture(tmp_path_factory):

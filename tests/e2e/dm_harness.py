@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,3 +148,42 @@ class DeviceManagerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+ECHO = 0x00220000          # the echo IOCTL of every test driver (faulty.py, the adversarial one)
+
+
+class Hammer:
+    """Keeps asking ``device`` for echoes from another thread while an attack or a crash happens
+    elsewhere; every failure fails the test, and the device must have answered at least once."""
+
+    def __init__(self, dm, device: str = "OKY1:"):
+        self.dm, self.device = dm, device
+        self.failures: list[BaseException] = []
+        self.count = 0
+        self.answered = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        try:
+            with self.dm.client() as c, c.open(self.device) as h:
+                while not self.stop.is_set():
+                    assert h.ioctl(ECHO, b"ping", 4) == b"ping"
+                    self.count += 1
+                    self.answered.set()
+        except BaseException as exc:     # noqa: BLE001 -- every failure is the test's business
+            self.failures.append(exc)
+            self.answered.set()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        # Wait for an answer, not for a time: on a loaded machine the first may come late.
+        self.answered.wait(30)
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.failures, self.failures
+        assert self.count > 0, f"{self.device} answered nothing"

@@ -10,12 +10,11 @@ import errno
 import os
 import signal
 import struct
-import threading
 import time
 
 import pytest
 
-from dm_harness import DeviceManagerProcess, reg_driver, reg_group
+from dm_harness import DeviceManagerProcess, Hammer, reg_driver, reg_group
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
@@ -146,36 +145,6 @@ def test_trusted_caller_only_and_allow_users(start_dm):
 
 
 # -- crashes are contained, audited, restarted; other hosts do not notice -----------------------
-
-class Hammer:
-    """Keeps asking OKY1: for echoes from another thread and remembers every failure."""
-
-    def __init__(self, dm):
-        self.dm = dm
-        self.failures: list[BaseException] = []
-        self.count = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        with self.dm.client() as c, c.open("OKY1:") as h:
-            while not self.stop.is_set():
-                try:
-                    assert h.ioctl(ECHO, b"ping", 4) == b"ping"
-                    self.count += 1
-                except BaseException as exc:      # noqa: BLE001 -- every failure is the test's business
-                    self.failures.append(exc)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
-        assert not self.failures, self.failures
-        assert self.count > 0
-
 
 @pytest.mark.parametrize("code,expect", [(SEGV, {"signal": signal.SIGSEGV}), (EXIT, {"exit_code": 3}),
                                          (LOOP, {"signal": signal.SIGKILL})],
