@@ -1,4 +1,5 @@
-"""IOCTL codes the CE way, and the two buffer helpers every ``io_control`` needs.
+"""IOCTL codes the CE way, the two buffer helpers every ``io_control`` needs, and a checked read
+of a dword from the driver's registry key.
 
 ``ctl_code`` is CE's ``CTL_CODE`` macro (winioctl.h)::
 
@@ -54,3 +55,13 @@ def pack_out(outbuf: memoryview, fmt: str, *values) -> int:
         raise DriverError(errno.ENOBUFS, f"output is {len(outbuf)} bytes, {layout.size} needed")
     layout.pack_into(outbuf, 0, *values)
     return layout.size
+
+
+def registry_dword(ctx, name: str, default: int | None = None) -> int:
+    """The dword ``name`` of the driver's registry key (for ``init``), or ``default``; anything else fails the
+    driver's init with EINVAL and a message saying what to write."""
+    value = ctx.registry.get(name, default)
+    if type(value) is not int:
+        raise DriverError(errno.EINVAL, f"{ctx.device}: registry value {name} is {value!r}; "
+                                        f"expected a dword (e.g. \"{name}\"=dword:...)")
+    return value

@@ -45,7 +45,8 @@ import threading
 import time
 
 from hosts import DriverError, StreamDriver
-from hosts.ioctl import FILE_DEVICE_VENDOR, FUNCTION_VENDOR, ctl_code, pack_out, unpack_in
+from hosts.ioctl import (FILE_DEVICE_VENDOR, FUNCTION_VENDOR, ctl_code, pack_out, registry_dword,
+                         unpack_in)
 
 IOCTL_GPIO_SET_PINS = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 0)
 IOCTL_GPIO_CLEAR_PINS = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 1)
@@ -65,14 +66,6 @@ INT_STATUS, INT_CLEAR, OUT_SET, OUT_CLEAR = 0x14, 0x18, 0x1C, 0x20
 REG_SPAN = 0x24
 
 
-def _registry_int(ctx, name, default=None):
-    value = ctx.registry.get(name, default)
-    if type(value) is not int:
-        raise DriverError(errno.EINVAL, f"{ctx.device}: registry value {name} is {value!r}; "
-                                        f"expected a dword (e.g. \"{name}\"=dword:...)")
-    return value
-
-
 class Driver(StreamDriver):
     def init(self, ctx):
         if ctx.kernel is None:
@@ -80,11 +73,11 @@ class Driver(StreamDriver):
         self.device = ctx.device
         self.lock = threading.Lock()
         self.waiting = threading.Lock()
-        self.regs = ctx.kernel.map_io_space(_registry_int(ctx, "MemBase"), REG_SPAN)
+        self.regs = ctx.kernel.map_io_space(registry_dword(ctx, "MemBase"), REG_SPAN)
         irq = ctx.registry.get("Irq")
-        self.intr = ctx.kernel.interrupt(_registry_int(ctx, "Irq")) if irq is not None else None
+        self.intr = ctx.kernel.interrupt(registry_dword(ctx, "Irq")) if irq is not None else None
         with self.lock:
-            self._write(DIR, _registry_int(ctx, "Directions", 0) & ALL)
+            self._write(DIR, registry_dword(ctx, "Directions", 0) & ALL)
 
     def deinit(self):
         if self.intr is not None:

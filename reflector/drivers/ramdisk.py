@@ -43,7 +43,7 @@ import threading
 import time
 
 from hosts import DriverError, StreamDriver
-from hosts.ioctl import FILE_DEVICE_DISK, FILE_READ_ACCESS, ctl_code, pack_out, unpack_in
+from hosts.ioctl import FILE_DEVICE_DISK, FILE_READ_ACCESS, ctl_code, pack_out, registry_dword, unpack_in
 
 IOCTL_DISK_GET_GEOMETRY = ctl_code(FILE_DEVICE_DISK, 0)
 IOCTL_DISK_GET_LENGTH_INFO = ctl_code(FILE_DEVICE_DISK, 0x17, access=FILE_READ_ACCESS)
@@ -72,14 +72,6 @@ RING_SIZE = PAGE // DESCRIPTOR.size
 U32 = 0xFFFFFFFF
 
 
-def _registry_int(ctx, name):
-    value = ctx.registry.get(name)
-    if type(value) is not int:
-        raise DriverError(errno.EINVAL, f"{ctx.device}: registry value {name} is {value!r}; "
-                                        f"expected a dword (e.g. \"{name}\"=dword:...)")
-    return value
-
-
 class _Handle:
     __slots__ = ("position",)
 
@@ -93,7 +85,7 @@ class Driver(StreamDriver):
             raise DriverError(errno.ENODEV, f"{ctx.device}: no ctx.kernel, so no hardware to drive")
         self.device = ctx.device
         kernel = ctx.kernel
-        base, irq = _registry_int(ctx, "MemBase"), _registry_int(ctx, "Irq")
+        base, irq = registry_dword(ctx, "MemBase"), registry_dword(ctx, "Irq")
         self.lock = threading.Lock()
         self.regs = kernel.map_io_space(base, REG_SPAN)
         if self.regs.read32(REG_ID) != DEVICE_ID or self.regs.read32(REG_SECTOR_SIZE) != SECTOR_SIZE:

@@ -54,7 +54,7 @@ import os
 import threading
 
 from hosts import DriverError, StreamDriver
-from hosts.ioctl import FILE_DEVICE_SERIAL_PORT, ctl_code, pack_out, unpack_in
+from hosts.ioctl import FILE_DEVICE_SERIAL_PORT, ctl_code, pack_out, registry_dword, unpack_in
 
 IOCTL_SERIAL_SET_BAUD_RATE = ctl_code(FILE_DEVICE_SERIAL_PORT, 1)
 IOCTL_SERIAL_PURGE = ctl_code(FILE_DEVICE_SERIAL_PORT, 19)
@@ -84,14 +84,6 @@ LSR_DR, LSR_OE = 0x01, 0x02
 IST_POLL_S = 0.2                        # how often the interrupt thread looks for deinit
 
 
-def _registry_int(ctx, name, default=None):
-    value = ctx.registry.get(name, default)
-    if type(value) is not int:
-        raise DriverError(errno.EINVAL, f"{ctx.device}: registry value {name} is {value!r}; "
-                                        f"expected a dword (e.g. \"{name}\"=dword:...)")
-    return value
-
-
 class Driver(StreamDriver):
     def init(self, ctx):
         if ctx.kernel is None:
@@ -102,12 +94,12 @@ class Driver(StreamDriver):
         if path is not None:
             return self._init_device(ctx, path)
         self.fd = None
-        self.base = _registry_int(ctx, "IoBase")
-        irq = _registry_int(ctx, "Irq")
-        baud = _registry_int(ctx, "BaudRate", DEFAULT_BAUD)
+        self.base = registry_dword(ctx, "IoBase")
+        irq = registry_dword(ctx, "Irq")
+        baud = registry_dword(ctx, "BaudRate", DEFAULT_BAUD)
         if baud not in BAUD_RATES:
             raise DriverError(errno.EINVAL, f"{ctx.device} BaudRate {baud!r} is not a standard rate")
-        self.loopback = bool(_registry_int(ctx, "Loopback", 1))
+        self.loopback = bool(registry_dword(ctx, "Loopback", 1))
         self.lock = threading.Lock()
         self.rx = bytearray()
         self.errors = 0
@@ -122,7 +114,7 @@ class Driver(StreamDriver):
     def _init_device(self, ctx, path):
         if not isinstance(path, str):
             raise DriverError(errno.EINVAL, f"{ctx.device}: DevicePath is {path!r}; expected a string")
-        baud = _registry_int(ctx, "BaudRate", DEFAULT_BAUD)
+        baud = registry_dword(ctx, "BaudRate", DEFAULT_BAUD)
         if baud not in BAUD_RATES:
             raise DriverError(errno.EINVAL, f"{ctx.device} BaudRate {baud!r} is not a standard rate")
         self.baud = baud
