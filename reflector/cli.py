@@ -69,6 +69,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise                      # a bug of ours: the traceback is what a report needs
+        print(f"drvbox {args.verb}: {exc}", file=sys.stderr)
+        return 1
+
+
+# Errors that describe bad input or a machine that lacks something, each with its own message
+# (file:line:col, the value, the fix): printed as they are, without a traceback.  Named by module
+# so that a verb that never imported one does not import it just to catch it.
+_USER_ERRORS = (
+    ("policy.errors", "PolicyError"),
+    ("policy.regfile", "RegistryError"),
+    ("policy.audit_format", "AuditError"),
+    ("sandbox.errors", "ConfinementError"),
+)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
 
 
 if __name__ == "__main__":
