@@ -17,13 +17,26 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("-n", type=int, default=2000, help="round trips per latency measurement (default 2000)")
     p.add_argument("--hw", action="store_true", help="also measure the simulated hardware paths")
+    p.add_argument("--pin", type=int, metavar="CPU", default=None,
+                   help="run everything (this process, the Device Manager, its hosts, the floors' peers) on "
+                        "one CPU: same-core hand-overs, repeatable numbers.  Unpinned, wake-ups across cores "
+                        "make both the floors and the paths several times slower and noisier")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
     from reflector.bench import measure, report
     progress = lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.pin is not None:
+        try:
+            os.sched_setaffinity(0, {args.pin})       # inherited by every process started from here on
+        except OSError as exc:
+            print(f"drvbox bench: cannot pin to CPU {args.pin}: {exc.strerror} "
+                  f"(CPUs here: {sorted(os.sched_getaffinity(0))})", file=sys.stderr)
+            return 2
     result = measure(args.n, progress=progress)
+    result["pinned_cpu"] = args.pin
     text = report(result)
     if args.hw:
         from reflector import bench_hw
