@@ -170,7 +170,7 @@ def wait_serving(path: Path, proc, timeout: float = 60) -> None:
 ROUNDS = 5
 
 
-def measure(n: int = 2000, progress=lambda msg: None, rounds: int = ROUNDS) -> dict:
+def measure(n: int = 2000, progress=lambda msg: None, rounds: int = ROUNDS, restarts: int = 5) -> dict:
     """Floors and the request path, measured in ``rounds`` interleaved rounds.
 
     A shared machine drifts (its floors move by several times within minutes), so each round
@@ -218,11 +218,11 @@ def measure(n: int = 2000, progress=lambda msg: None, rounds: int = ROUNDS) -> d
                 result["ioctl_user_p99_us"] = _pct(user_samples, 0.99) * 1e6
             with connect(tmp / "dm.sock") as dm:
                 progress("host restarts: crash the host, time until the next request is served")
-                restarts = []
-                for _ in range(5):
+                times = []
+                for _ in range(restarts):
                     time.sleep(1.1)          # let the restart window (1 s) pass: no back-off in the way
-                    restarts.append(_crash_and_recover(dm))
-                result["host_restart_ms"] = statistics.median(restarts) * 1e3
+                    times.append(_crash_and_recover(dm))
+                result["host_restart_ms"] = statistics.median(times) * 1e3
             result["host_start_ms"] = _host_start_ms(tmp / "state" / "audit.log")
         finally:
             proc.terminate()
