@@ -163,6 +163,11 @@ class HostChannel:
     def alive(self) -> bool:
         return self._alive
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the reader has seen the host go and finished with it."""
+        if self._reader.ident is not None:
+            self._reader.join(timeout)
+
     def abandon(self) -> None:
         """Kill a host whose reader never started (start-up failed) and release what we hold."""
         if self._reader.ident is not None:

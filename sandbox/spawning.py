@@ -292,7 +292,11 @@ def spawn(spec: SandboxSpec, target: str, target_arg: dict, pass_fds: Sequence[i
         try:
             popen = _starter.run(lambda: subprocess.Popen(
                 _argv(theirs.fileno()), pass_fds=(theirs.fileno(), *plan["fds"]), close_fds=True,
-                stdin=subprocess.DEVNULL, cwd="/", env={"MALLOC_ARENA_MAX": "2"}))
+                stdin=subprocess.DEVNULL, cwd="/", env={"MALLOC_ARENA_MAX": "2"},
+                # Its own session: a Ctrl-C at the Device Manager's terminal (SIGINT to the whole
+                # foreground process group) is the Device Manager's to handle, in order; the
+                # launcher still dies with it (PR_SET_PDEATHSIG).
+                start_new_session=True))
         except OSError as exc:
             raise ConfinementError("start", f"Popen({sys.executable!r}, ...)", exc.errno, name=spec.name) from None
         finally:
