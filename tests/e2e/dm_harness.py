@@ -72,7 +72,10 @@ class DeviceManagerProcess:
 
     def start(self, wait_states=("running", "rejected", "quarantined")) -> "DeviceManagerProcess":
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # Its own session, as at a terminal: a test may send it what Ctrl-C sends (SIGINT to the
+        # whole process group) without hitting the test runner.
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

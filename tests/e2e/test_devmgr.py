@@ -260,6 +260,20 @@ def test_sigterm_stops_cleanly_and_leaves_no_host_behind(start_dm):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def test_ctrl_c_stops_everything_in_order(start_dm):
+    """Ctrl-C at a terminal is SIGINT to the whole foreground process group: the Device Manager
+    stops in order, its hosts' launchers do not die of it on their own, nothing is left."""
+    dm = start_dm(two_hosts())
+    pids = dm.host_pids()
+    os.killpg(dm.proc.pid, signal.SIGINT)
+    assert dm.proc.wait(20) == 0
+    log = dm.log()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert "drvbox: stopping" in log
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
 def test_sigkill_of_the_device_manager_leaves_no_orphan(start_dm):
     dm = start_dm(two_hosts())
     with dm.client() as c:
