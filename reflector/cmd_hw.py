@@ -46,6 +46,14 @@ def run(args) -> int:
     elif args.hw_verb == "ls":
         for d in answer["devices"]:
             print(json.dumps(d))
+        held = answer.get("held")
+        if held:
+            dma = sum(b["size"] for b in held.get("dma", []))
+            print(f"held: {len(held.get('claims', {}))} device claim(s), {len(held.get('interrupts', {}))} "
+                  f"interrupt(s), {len(held.get('regions', []))} mapped region(s), "
+                  f"{len(held.get('dma', []))} DMA buffer(s) of {dma} bytes")
+            for buf in held.get("dma", []):
+                print(f"  dma {buf['phys']:#x}+{buf['size']:#x}  {buf['holder']}")
     elif args.hw_verb == "uart-tx":
         sys.stdout.write(bytes.fromhex(answer["hex"]).decode("utf-8", "replace") + "\n")
     else:

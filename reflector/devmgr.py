@@ -262,7 +262,12 @@ class DeviceManager:
         if self.platform is None:
             raise OSError(errno.ENODEV, "no simulated hardware on this platform")
         from reflector.hwcommands import run_hw_command
-        return run_hw_command(self.platform, command)
+        answer = run_hw_command(self.platform, command)
+        resources = getattr(self.platform, "resources", None)
+        if command.get("verb") == "ls" and resources is not None:
+            # Who holds what: device claims, hooked interrupts, mapped regions, DMA buffers.
+            answer["held"] = resources.describe()
+        return answer
 
     # -- the end -------------------------------------------------------------------------------
 

@@ -227,12 +227,16 @@ def test_resources_reclaimed_after_a_crash(start_dm):
         p.ok(hwprobe.ALLOC, DMA_SIZE)                                           # the whole DMA zone
         p.ok(hwprobe.HOOK, 9)
         p.ok(hwprobe.MAP, GPIO1, GPIO_SPAN)
+        held = c.hw({"verb": "ls"})["held"]
+        assert sum(b["size"] for b in held["dma"]) == DMA_SIZE and 9 in map(int, held["interrupts"])
         with pytest.raises(OSError) as exc:
             p(hwprobe.EXIT, 3)
         assert exc.value.errno == errno.EIO
     dm.wait_audit("host.crashed", group=1)
     (reclaimed,) = dm.wait_audit("host.reclaimed", group=1)
     assert reclaimed["detail"]["dma_bytes"] == DMA_SIZE and reclaimed["detail"]["interrupts"] == [9]
+    with dm.client() as c:
+        assert c.hw({"verb": "ls"})["held"]["dma"] == []
     dm.wait_state("PRB1:", "running")
     # The restarted host holds nothing: it must ask again, and everything is there to be had.
     with dm.client() as c, c.open("PRB1:") as h:
