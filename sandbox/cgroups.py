@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from sandbox.errors import ConfinementError
+from sandbox.kfiles import write_control
 
 ROOT = Path("/sys/fs/cgroup")
 MIB = 1024 * 1024
@@ -38,7 +39,7 @@ class HostCgroup:
 
     def place(self, pid: int) -> None:
         for d in dict.fromkeys(self.dirs.values()):
-            _write(d / "cgroup.procs", str(pid))
+            write_control(d / "cgroup.procs", str(pid))
 
     def read_back(self) -> dict:
         found = {"version": self.version, "paths": sorted({str(d) for d in self.dirs.values()})}
@@ -77,17 +78,6 @@ class HostCgroup:
     def _file(self, name: str) -> Path:
         controller = name.split(".")[0]
         return (self.dirs.get("unified") or self.dirs[controller]) / name
-
-
-def _write(path: Path, value: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, f"write {str(path)!r} {value!r}") from None
 
 
 def _own_paths() -> dict[str, str]:
@@ -170,7 +160,7 @@ def _create_v2(tag: str, limits: dict[str, str]) -> HostCgroup:
     enabled = set((base / "cgroup.subtree_control").read_text().split())
     if needed - enabled:
         try:
-            _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(needed - enabled)))
+            write_control(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(needed - enabled)))
         except OSError as exc:
             raise _Unavailable(f"v2: cannot enable {sorted(needed - enabled)} in {base}: "
                                f"{exc.filename}: {exc.strerror}") from None
@@ -183,11 +173,11 @@ def _create_v2(tag: str, limits: dict[str, str]) -> HostCgroup:
     group = HostCgroup(2, {"unified": d}, dict(limits))
     try:
         for file, value in limits.items():
-            _write(d / file, value)
+            write_control(d / file, value)
         if "memory.max" in limits:
             for file, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
                 if (d / file).exists():
-                    _write(d / file, value)
+                    write_control(d / file, value)
                     group.limits[file] = value
     except OSError:
         group.remove()
@@ -217,11 +207,11 @@ def _create_v1(tag: str, limits: dict[str, str]) -> HostCgroup:
             group.dirs[controller] = d
         for file, value in limits.items():
             v1 = v1_names[file]
-            _write(dirs[file.split(".")[0]] / v1, value)
+            write_control(dirs[file.split(".")[0]] / v1, value)
             group.limits[v1] = value
         memsw = dirs.get("memory", Path("/nonexistent")) / "memory.memsw.limit_in_bytes"
         if "memory.max" in limits and memsw.exists():
-            _write(memsw, limits["memory.max"])      # no swapping past the limit either
+            write_control(memsw, limits["memory.max"])      # no swapping past the limit either
             group.limits["memory.memsw.limit_in_bytes"] = limits["memory.max"]
     except BaseException:
         group.remove()

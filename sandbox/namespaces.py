@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from sandbox import libc
+from sandbox.kfiles import write_control
 
 BASE_FLAGS = (libc.CLONE_NEWPID | libc.CLONE_NEWNET | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS
               | libc.CLONE_NEWCGROUP | libc.CLONE_NEWNS)
@@ -51,21 +52,12 @@ def write_maps(pid: int, uid: int, gid: int) -> None:
     # An unprivileged parent must deny setgroups(2) before it may write gid_map.  Root keeps it
     # allowed, so that the host can clear its supplementary groups itself (sandbox/identity.py).
     if os.geteuid() != 0:
-        _write(f"/proc/{pid}/setgroups", "deny")
-    _write(f"/proc/{pid}/uid_map", f"{uid} {outer_uid} 1")
-    _write(f"/proc/{pid}/gid_map", f"{gid} {outer_gid} 1")
+        write_control(f"/proc/{pid}/setgroups", "deny")
+    write_control(f"/proc/{pid}/uid_map", f"{uid} {outer_uid} 1")
+    write_control(f"/proc/{pid}/gid_map", f"{gid} {outer_gid} 1")
 
 
 def can_set_groups(userns: bool) -> bool:
     return not userns or os.geteuid() == 0
 
 
-def _write(path: str, line: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, f"write {path!r} {line!r}") from None
