@@ -312,20 +312,27 @@ class HostGroup:
         log.warning("group %d: host died %s", self.gid, detail)
         if self._maybe_split(channel, now):
             return
+        self._failed(now, {})
+
+    def _failed(self, now: float, why: dict) -> None:
+        """Count one failure (a crash, or a start that failed) in the restart window; then restart
+        with back-off, or quarantine the group's drivers once past RestartLimit."""
         self._failures.append(now)
         while self._failures and now - self._failures[0] > self.settings.restart_window_s:
             self._failures.popleft()
-        if len(self._failures) > self.settings.restart_limit:
-            with self._cond:
-                self.state = QUARANTINED
-                self._cond.notify_all()
-            for d in self.devices:
-                self.audit.record("driver.quarantined", device=d.name, driver=d.entry.dll, group=self.gid,
-                                  detail={"failures": len(self._failures), "window_s": self.settings.restart_window_s})
-            log.error("group %d: %d failures in %ss: quarantined", self.gid, len(self._failures),
-                      self.settings.restart_window_s)
+        quarantine = len(self._failures) > self.settings.restart_limit
+        with self._cond:
+            self.state = QUARANTINED if quarantine else RESTARTING
+            self._cond.notify_all()
+        if not quarantine:
+            # Scheduled before anything else can fail (the audit log too may be out of fds).
+            self._schedule_restart(_backoff(len(self._failures)))
             return
-        self._schedule_restart(_backoff(len(self._failures)))
+        log.error("group %d: %d failures in %ss: quarantined", self.gid, len(self._failures),
+                  self.settings.restart_window_s)
+        for d in self.devices:
+            self._record("driver.quarantined", device=d.name, driver=d.entry.dll, group=self.gid,
+                         detail={"failures": len(self._failures), "window_s": self.settings.restart_window_s, **why})
 
     def _maybe_split(self, channel: HostChannel, now: float) -> bool:
         """Move a pooled driver that keeps crashing its shared host into a host of its own."""
@@ -367,20 +374,8 @@ class HostGroup:
             self.start()
         except Exception as exc:            # a failed start counts as a failure like a crash
             log.error("group %d: restart failed: %s", self.gid, exc)
-            now = time.monotonic()
-            self._failures.append(now)
-            quarantine = len(self._failures) > self.settings.restart_limit
-            with self._cond:
-                self.state = QUARANTINED if quarantine else RESTARTING
-                self._cond.notify_all()
-            if not quarantine:
-                # Scheduled before anything else can fail (the audit log too may be out of fds).
-                self._schedule_restart(_backoff(len(self._failures) + 1))
+            self._failed(time.monotonic(), {"reason": "host could not be started", "error": str(exc)})
             self._record("host.crashed", group=self.gid, detail={"phase": "start", "error": str(exc)})
-            if quarantine:
-                for d in self.devices:
-                    self._record("driver.quarantined", device=d.name, group=self.gid,
-                                 detail={"reason": "host could not be started", "error": str(exc)})
             return
         if first:
             return
