@@ -19,7 +19,8 @@ about what shared memory can tell, and it has limits every model's ``MAPPED_LIMI
   "clear" register that reads as 0);
 * several writes to one register between two syncs are seen as **one, the last**; writes to
   different registers are applied in **address order**, not program order;
-* a driver write that lands while ``sync`` is rewriting that same register can be lost.
+* a driver write that lands while ``sync`` runs is kept for the next sync, unless the model
+  changes that same register in that same sync: then it can be lost.
 
 Models with registers designed for this (a free-running doorbell index, registers that read 0
 and act on the bits written) work fully in mapped mode; the rest need ``mediated``.
@@ -70,6 +71,7 @@ class DeviceModel:
             self._page = mmap.mmap(self.page_fd, self.page_size, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
         self._published = bytes(self.REG_SPAN)
+        self._seen = self._published             # the page as the last absorb read it
         self._tail_zeros = bytes(self.page_size - self.REG_SPAN) if self._page is not None else b""
         self._image_format = "<" + {1: "B", 2: "H", 4: "I"}[self.REG_WIDTH] * (self.REG_SPAN // self.REG_WIDTH)
 
@@ -181,6 +183,7 @@ class DeviceModel:
             return
         span, w = self.REG_SPAN, self.REG_WIDTH
         current = self._page[:span]
+        self._seen = current
         if current != self._published:
             for off in range(0, span, w):
                 now = current[off:off + w]
@@ -192,14 +195,19 @@ class DeviceModel:
             self._page[span:] = self._tail_zeros
 
     def _publish(self) -> None:
-        """Make the page show the registers as a read would see them now; touch only what differs."""
+        """Make the page show the registers as a read would see them now; touch only what differs.
+
+        "Differs" is judged against the page as :meth:`_absorb` saw it, not as it is now: a
+        driver write that landed in between, to a register the model did not change, is left in
+        the page (and taken by the next absorb) instead of being overwritten with the old value.
+        """
         if self._page is None:
             return
         image = self._image()
-        current = self._page[:self.REG_SPAN]
-        if current != image:
+        seen = self._seen
+        if seen != image:
             w = self.REG_WIDTH
             for off in range(0, self.REG_SPAN, w):
-                if current[off:off + w] != image[off:off + w]:
+                if seen[off:off + w] != image[off:off + w]:
                     self._page[off:off + w] = image[off:off + w]
         self._published = image
