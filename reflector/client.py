@@ -10,7 +10,12 @@
 Errors are ``OSError``s with the usual errno (``EACCES``, ``ENODEV``, ``ETIMEDOUT``, ``EIO``,
 ``ESTALE``, ``EINVAL``, ``EMSGSIZE`` or the driver's own), so they are handled like file errors.
 Buffers larger than ``SHM_THRESHOLD`` go through a sealed memfd shared once with the Device
-Manager instead of through the socket.
+Manager instead of through the socket.  For bulk transfers without a copy on this side, read
+into (and write from) a buffer that is itself shared with the Device Manager::
+
+    with dm.shared_buffer(1 << 20) as buf:
+        n = h.readinto(buf)          # the Device Manager writes straight into buf
+        header = buf.view[:16]       # a memoryview of what was read
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from reflector import clientwire as cw
 from reflector.paths import default_socket
 
-__all__ = ["connect", "DeviceManager", "Handle"]
+__all__ = ["connect", "DeviceManager", "Handle", "SharedBuffer"]
 
 SHM_THRESHOLD = 16 * 1024
 _ACCESS = {"r": 1, "w": 2, "rw": 3, "wr": 3}
@@ -60,6 +65,7 @@ class DeviceManager:
         self._lock = threading.Lock()
         self._shm: mmap.mmap | None = None
         self._shm_lock = threading.Lock()     # one bulk transfer at a time owns the shared buffer
+        self._user_slots = list(range(cw.SHM_SLOTS - 1, 0, -1))   # free slots for shared_buffer()
 
     # -- transport ----------------------------------------------------------------------------
 
@@ -82,23 +88,52 @@ class DeviceManager:
             raise cw.ClientProtocolError(f"reply to request {got_id}, expected {req_id}")
         return value, rtail
 
-    def _shared(self, size: int) -> memoryview:
-        """A shared buffer of at least ``size`` bytes, attached to the Device Manager once."""
-        if self._shm is None or len(self._shm) < size:
-            capacity = max(size, 1 << 20)
-            capacity = (capacity + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-            fd = os.memfd_create("drvbox-client", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    def _attach(self, slot: int, size: int) -> mmap.mmap:
+        """A sealed memfd of at least ``size`` bytes, mapped here and attached in ``slot``."""
+        capacity = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+        fd = os.memfd_create("drvbox-client", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, capacity)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            shm = mmap.mmap(fd, capacity)
             try:
-                os.ftruncate(fd, capacity)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-                shm = mmap.mmap(fd, capacity)
-                self._call(cw.Op.SHM_ATTACH, 0, capacity, fds=[fd])
-            finally:
-                os.close(fd)
+                self._call(cw.Op.SHM_ATTACH, 0, capacity, flags=cw.shm_flags(slot), fds=[fd])
+            except BaseException:
+                shm.close()
+                raise
+        finally:
+            os.close(fd)
+        return shm
+
+    def _shared(self, size: int) -> memoryview:
+        """The library's staging buffer (slot 0), of at least ``size`` bytes."""
+        if self._shm is None or len(self._shm) < size:
+            shm = self._attach(0, max(size, 1 << 20))
             if self._shm is not None:
                 self._shm.close()
             self._shm = shm
         return memoryview(self._shm)
+
+    def shared_buffer(self, size: int) -> "SharedBuffer":
+        """Memory of ``size`` bytes shared with the Device Manager, for :meth:`Handle.readinto`
+        and :meth:`Handle.write` without a copy on this side.  A connection has one at a time
+        (``clientwire.SHM_SLOTS - 1``); close it (or leave its ``with``) to get another."""
+        if not 0 < size <= cw.MAX_SHARED_BYTES:
+            raise ValueError(f"shared buffer of {size} bytes: expected 1..{cw.MAX_SHARED_BYTES}")
+        with self._shm_lock:
+            if not self._user_slots:
+                raise RuntimeError("this connection's shared buffer is in use: close it first, "
+                                   "or connect() again for another")
+            slot = self._user_slots.pop()
+        try:
+            return SharedBuffer(self, slot, self._attach(slot, size), 0, size)
+        except BaseException:
+            self._free_slot(slot)
+            raise
+
+    def _free_slot(self, slot: int) -> None:
+        with self._shm_lock:
+            self._user_slots.append(slot)
 
     @contextlib.contextmanager
     def _lock_shm(self, size: int):
@@ -163,7 +198,11 @@ class Handle:
 
     def readinto(self, buffer) -> int:
         """Read into a writable buffer (bytearray, memoryview, mmap) of the size wanted; returns the
-        count.  Saves the allocation of a new bytes object per read: for bulk transfers."""
+        count.  Saves the allocation of a new bytes object per read: for bulk transfers.  Into a
+        :class:`SharedBuffer` the Device Manager writes directly, with no copy here at all."""
+        if type(buffer) is SharedBuffer:
+            n, _ = self.dm._call(cw.Op.READ, self.handle, *buffer._place(self.dm), flags=buffer._flags)
+            return n
         target = memoryview(buffer).cast("B")
         size = len(target)
         if size > SHM_THRESHOLD:
@@ -175,7 +214,10 @@ class Handle:
         target[:len(data)] = data
         return len(data)
 
-    def write(self, data: bytes) -> int:
+    def write(self, data) -> int:
+        if type(data) is SharedBuffer:
+            n, _ = self.dm._call(cw.Op.WRITE, self.handle, *data._place(self.dm), flags=data._flags)
+            return n
         data = memoryview(data).cast("B")
         if len(data) > SHM_THRESHOLD:
             with self.dm._lock_shm(len(data)) as view:
@@ -209,6 +251,63 @@ class Handle:
             self.dm._call(cw.Op.CLOSE, self.handle)
 
     def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SharedBuffer:
+    """Memory shared with the Device Manager (see :meth:`DeviceManager.shared_buffer`).
+
+    ``view`` is a writable memoryview of it; ``buf[a:b]`` is a SharedBuffer of part of it, for
+    reading or writing fewer bytes.  Closing the whole buffer detaches it (its views go with it).
+    """
+
+    __slots__ = ("dm", "slot", "_mmap", "offset", "length", "_flags", "_whole")
+
+    def __init__(self, dm: DeviceManager, slot: int, shm: mmap.mmap, offset: int, length: int,
+                 whole: bool = True):
+        self.dm, self.slot, self._mmap = dm, slot, shm
+        self.offset, self.length = offset, length
+        self._flags = cw.shm_flags(slot)
+        self._whole = whole
+
+    def _place(self, dm: DeviceManager) -> tuple[int, int]:
+        if dm is not self.dm:
+            raise ValueError("a shared buffer belongs to the connection that made it")
+        if self._mmap.closed:
+            raise ValueError("the shared buffer is closed")
+        return self.length, self.offset
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self._mmap)[self.offset:self.offset + self.length]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, part: slice) -> "SharedBuffer":
+        if type(part) is not slice:
+            raise TypeError("index a SharedBuffer with a slice (buf[a:b]); use buf.view for bytes")
+        start, stop, step = part.indices(self.length)
+        if step != 1:
+            raise ValueError("a SharedBuffer slice must be contiguous")
+        return SharedBuffer(self.dm, self.slot, self._mmap, self.offset + start, max(0, stop - start), whole=False)
+
+    def tobytes(self) -> bytes:
+        return self._mmap[self.offset:self.offset + self.length]
+
+    def close(self) -> None:
+        if self._whole and not self._mmap.closed:
+            try:
+                self._mmap.close()
+            except BufferError:
+                raise BufferError("views of this shared buffer are still held: release them "
+                                  "(view.release(), or let them go) before closing it") from None
+            self.dm._free_slot(self.slot)
+
+    def __enter__(self) -> "SharedBuffer":
         return self
 
     def __exit__(self, *exc) -> None:

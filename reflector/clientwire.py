@@ -6,7 +6,10 @@ name, a JSON document for the few control verbs that are not on the hot path).
 
 Large buffers do not travel through the socket: a client shares a sealed memfd once
 (``SHM_ATTACH``, the fd passed with SCM_RIGHTS) and then names offsets in it; the Device Manager
-copies input from it once into the host's arena and output once back.
+copies input from it once into the host's arena and output once back.  A connection may attach
+``SHM_SLOTS`` of them, each in its own slot, named in a request's flags (``shm_flags``): slot 0
+is the client library's staging buffer, the others are buffers an application reads into and
+writes from directly (``DeviceManager.shared_buffer``), so bulk data is not copied again there.
 
 Request header ``<BBHII``: version, op, flags, req_id, handle.  Reply ``<BBHIiq``: version,
 op (= REPLY), flags, req_id, status (0 or errno), value.
@@ -23,6 +26,21 @@ MAX_INLINE = 60 * 1024
 MAX_MESSAGE = 64 * 1024 + 64
 
 FLAG_SHM = 1          # buffers are in the attached shared memory, at the offsets given
+SHM_SLOTS = 2         # shared memories per connection (each costs the Device Manager an fd)
+MAX_SHARED_BYTES = 256 * 1024 * 1024     # what one connection may share, all slots together
+_SLOT_SHIFT = 4
+_SLOT_MASK = 0xF << _SLOT_SHIFT
+_KNOWN_FLAGS = FLAG_SHM | _SLOT_MASK
+
+
+def shm_flags(slot: int) -> int:
+    """The flags of a request whose buffers are in shared-memory slot ``slot``."""
+    return FLAG_SHM | slot << _SLOT_SHIFT
+
+
+def shm_slot(flags: int) -> int:
+    """The shared-memory slot a request's flags name (SHM_ATTACH: the slot it fills)."""
+    return (flags & _SLOT_MASK) >> _SLOT_SHIFT
 
 
 class Op(enum.IntEnum):
@@ -34,7 +52,7 @@ class Op(enum.IntEnum):
     IOCTL = 6         # code, in_len, in_off, out_len, out_off; tail: input unless FLAG_SHM
     LIST = 7          # -> tail: JSON of `drvbox ls`
     RESTART = 8       # tail: device name
-    SHM_ATTACH = 9    # size; SCM_RIGHTS: a memfd sealed against shrinking
+    SHM_ATTACH = 9    # size; SCM_RIGHTS: a memfd sealed against shrinking; the slot in flags
     HW = 10           # tail: JSON command for the simulated hardware -> tail: JSON answer
     REPLY = 64
 
@@ -94,8 +112,10 @@ def decode_request(buf: bytes) -> Request:
     op, layout = known
     values = layout.unpack_from(buf) if n >= layout.size else None
     flags = buf[2] | buf[3] << 8
-    if flags & ~FLAG_SHM:
+    if flags & ~_KNOWN_FLAGS:
         raise ClientProtocolError(f"unknown flags {flags:#x}")
+    if flags & _SLOT_MASK and shm_slot(flags) >= SHM_SLOTS:
+        raise ClientProtocolError(f"shared-memory slot {shm_slot(flags)}: a connection has slots 0..{SHM_SLOTS - 1}")
     if values is None:
         raise ClientProtocolError(f"{op.name} request of {n} bytes, expected at least {layout.size}")
     if n - layout.size > MAX_INLINE:

@@ -29,14 +29,14 @@ from reflector import clientwire as cw
 log = logging.getLogger("drvbox.server")
 
 MAX_HANDLES_PER_CONNECTION = 256
-# Connections cost a thread and up to two fds (the socket, a shared-memory mapping).  The Device
+# Connections cost a thread and up to 1 + SHM_SLOTS fds (the socket, a mapping per slot).  The Device
 # Manager's own work -- hosts' channels, arenas, pidfds, listeners, the audit log -- must never
 # find its fds taken by clients: they get what the fd limit leaves after this reserve, halved,
 # and never more than MAX_CONNECTIONS.  A uid other than root and the owner gets half of that.
 MAX_CONNECTIONS = 512
 FD_RESERVE = 128
 REFUSALS_AUDITED_PER_S = 1          # a flood of refused connections is one record a second, with a count
-MAX_SHM_BYTES = 256 * 1024 * 1024
+MAX_SHM_BYTES = cw.MAX_SHARED_BYTES
 _CMSG = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum flag arithmetic is slow
 _NO_FDS: list[int] = []        # never appended to: shared by every message that carries none
@@ -123,7 +123,7 @@ class Server:
 
     def connection_limit(self) -> int:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)   # read each time: it can be lowered under us
-        return max(1, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // 2))
+        return max(1, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // (1 + cw.SHM_SLOTS)))
 
     def _admit(self, conn: socket.socket) -> tuple["Caller | None", str | None]:
         """The caller of a new connection, and why it is refused (None: admitted)."""
@@ -196,8 +196,9 @@ class _Session:
         self.caller = caller
         self.handles: dict[int, tuple] = {}
         self.next_handle = 1
-        self.shm: mmap.mmap | None = None
-        self.shm_view: memoryview | None = None
+        # Per slot (clientwire.shm_flags): the client's attached memory and a view of it, or None.
+        self.shm: list[mmap.mmap | None] = [None] * cw.SHM_SLOTS
+        self.shm_view: list[memoryview | None] = [None] * cw.SHM_SLOTS
 
     def run(self) -> None:
         conn, handlers, encode_reply = self.conn, self._HANDLERS, cw.encode_reply
@@ -261,7 +262,7 @@ class _Session:
         return 0, b""
 
     def _op_shm_attach(self, req: cw.Request, fds) -> tuple[int, bytes]:
-        self._attach(req.fields[0], fds)
+        self._attach(cw.shm_slot(req.flags), req.fields[0], fds)
         return 0, b""
 
     def _op_hw(self, req: cw.Request, fds) -> tuple[int, bytes]:
@@ -349,13 +350,17 @@ class _Session:
                                  detail={"uid": self.caller.uid, "op": what, "reason": "root or the daemon's owner only"})
             raise OSError(errno.EACCES, f"only root or the Device Manager's owner may {what}")
 
-    def _attach(self, size: int, fds: list[int]) -> None:
+    def _attach(self, slot: int, size: int, fds: list[int]) -> None:
         if len(fds) != 1:
             raise OSError(errno.EINVAL, f"SHM_ATTACH takes exactly one fd, got {len(fds)}")
         fd = fds[0]
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size or not 0 < size <= MAX_SHM_BYTES:
             raise OSError(errno.EINVAL, f"shared memory must be a memfd of the declared size (1..{MAX_SHM_BYTES} bytes)")
+        others = sum(len(m) for i, m in enumerate(self.shm) if m is not None and i != slot)
+        if others + size > MAX_SHM_BYTES:
+            raise OSError(errno.EINVAL, f"{others + size} bytes of shared memory on one connection exceed "
+                                        f"{MAX_SHM_BYTES}; detach (close) a shared buffer first")
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError:
@@ -364,38 +369,42 @@ class _Session:
             # Without the seal a client could shrink the file under us and turn our next access into SIGBUS.
             raise OSError(errno.EINVAL, "shared memory must be sealed with F_SEAL_SHRINK")
         shm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._release_shm()
-        self.shm, self.shm_view = shm, memoryview(shm)
+        self._release_shm(slot)
+        self.shm[slot], self.shm_view[slot] = shm, memoryview(shm)
 
     def _buffer(self, req: cw.Request, off: int, length: int) -> tuple[memoryview, bool]:
         if req.flags & cw.FLAG_SHM:
-            return self._shm_slice(off, length), False
+            return self._shm_slice(req.flags, off, length), False
         if length > cw.MAX_INLINE:
             raise OSError(errno.EINVAL, f"{length} bytes inline exceed {cw.MAX_INLINE}; attach shared memory")
         return memoryview(bytearray(length)), True
 
     def _input(self, req: cw.Request, off: int, length: int) -> memoryview:
         if req.flags & cw.FLAG_SHM:
-            return self._shm_slice(off, length)
+            return self._shm_slice(req.flags, off, length)
         if len(req.tail) != length:
             raise OSError(errno.EINVAL, f"declared {length} bytes of input, sent {len(req.tail)}")
         return memoryview(req.tail)
 
-    def _shm_slice(self, off: int, length: int) -> memoryview:
-        if self.shm_view is None:
-            raise OSError(errno.EINVAL, "no shared memory attached")
-        if off + length > len(self.shm_view):
-            raise OSError(errno.EINVAL, f"bytes {off}..{off + length} lie outside the shared memory")
-        return self.shm_view[off:off + length]
+    def _shm_slice(self, flags: int, off: int, length: int) -> memoryview:
+        slot = cw.shm_slot(flags)
+        view = self.shm_view[slot]
+        if view is None:
+            raise OSError(errno.EINVAL, f"no shared memory attached in slot {slot}")
+        if off + length > len(view):
+            raise OSError(errno.EINVAL, f"bytes {off}..{off + length} lie outside the shared memory of slot {slot}")
+        return view[off:off + length]
 
-    def _release_shm(self) -> None:
-        if self.shm_view is not None:
-            self.shm_view.release()
-            try:
-                self.shm.close()
-            except BufferError:
-                pass
-        self.shm = self.shm_view = None
+    def _release_shm(self, slot: int | None = None) -> None:
+        for i in range(cw.SHM_SLOTS) if slot is None else (slot,):
+            view, shm = self.shm_view[i], self.shm[i]
+            self.shm[i] = self.shm_view[i] = None
+            if view is not None:
+                view.release()
+                try:
+                    shm.close()
+                except BufferError:
+                    pass
 
     def close(self) -> None:
         for device, ref in list(self.handles.values()):

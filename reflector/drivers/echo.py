@@ -9,8 +9,9 @@ IOCTLs (CE CTL_CODE(FILE_DEVICE_UNKNOWN=0x22, function, METHOD_BUFFERED, FILE_AN
 * ``IOCTL_ECHO_SLEEP`` (0x00220008): sleeps the number of milliseconds given as a little-endian
   u32 in the input (a slow driver, for timeout tests).
 
-``read`` fills nothing and returns the length asked (the cost measured is the transport's);
-``write`` consumes everything.
+``read`` fills the buffer from a block of bytes made once (up to 1 MiB; the rest of a longer
+read is left as it is), as a device delivering data would: so a measured read includes the one
+copy into the arena that producing the data costs.  ``write`` consumes everything.
 """
 
 import os
@@ -24,6 +25,9 @@ IOCTL_ECHO_CRASH = 0x00220004
 IOCTL_ECHO_SLEEP = 0x00220008
 
 
+_BLOCK = memoryview(bytes(range(256)) * 4096)          # 1 MiB; sliced without a copy
+
+
 class Driver(StreamDriver):
     def init(self, ctx):
         self.ctx = ctx
@@ -32,6 +36,8 @@ class Driver(StreamDriver):
         return None
 
     def read(self, opened, out):
+        n = min(len(out), len(_BLOCK))
+        out[:n] = _BLOCK[:n]
         return len(out)
 
     def write(self, opened, data):

@@ -10,7 +10,7 @@ from reflector.bench import measure, report
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
 PROMISED = ("floor_1hop_us", "floor_2hop_us", "ioctl_kernel_us", "ioctl_user_us", "ioctl_user_p99_us",
-            "memcpy_1mib_bps", "read_1mib_bps", "python_start_ms", "host_start_ms", "host_restart_ms")
+            "memcpy_1mib_bps", "read_1mib_bps", "read_1mib_copy_bps", "read_1mib_kernel_bps", "python_start_ms", "host_start_ms", "host_restart_ms")
 
 
 def test_bench_measures_every_promised_number():

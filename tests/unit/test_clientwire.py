@@ -39,6 +39,14 @@ def test_unknown_flags_are_refused():
         cw.decode_request(cw.encode_request(cw.Op.CLOSE, 1, 1, flags=4))
 
 
+def test_shared_memory_slot_travels_in_the_flags_and_is_bounded():
+    for slot in range(cw.SHM_SLOTS):
+        req = cw.decode_request(cw.encode_request(cw.Op.READ, 1, 2, 10, 0, flags=cw.shm_flags(slot)))
+        assert req.flags & cw.FLAG_SHM and cw.shm_slot(req.flags) == slot
+    with pytest.raises(cw.ClientProtocolError, match="slots 0..1"):
+        cw.decode_request(cw.encode_request(cw.Op.READ, 1, 2, 10, 0, flags=cw.shm_flags(cw.SHM_SLOTS)))
+
+
 def test_short_body_is_refused():
     msg = cw.encode_request(cw.Op.IOCTL, 1, 1, 1, 2, 3, 4, 5)[:-3]
     with pytest.raises(cw.ClientProtocolError, match="IOCTL request"):
