@@ -15,6 +15,12 @@ worker waiting in its KCALL (the main thread never runs driver code, so some thr
 receives).  The Reflector is
 trusted, so a frame it should never send ends the host with a ``HostExit`` status instead of
 being guessed at.
+
+Lanes: besides the channel, the Reflector may hand the host sockets (``Op.LANE``) on which it
+sends driver requests, one at a time per lane, and reads each REPLY itself: the thread that sent
+a request then receives its answer without a hand-over to the Reflector's reader thread.  The
+leader waits on the channel and every lane at once (epoll); a request from a lane is answered on
+that lane.  Everything else -- LOAD, UNLOAD, SHUTDOWN, KCALL/KREPLY, LOG -- stays on the channel.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from hosts.api import ERROR
 from hosts.channel import Channel
 from hosts.dispatch import LoadedDriver, LoadError, describe
 from hosts.exits import HostExit
-from hosts.wire import MAX_FRAME, Frame, Op, ProtocolError, decode
+from hosts.wire import MAX_FRAME, Frame, Op, ProtocolError, decode, encode
 
 # KREPLY carries at most one fd today; room for a few more so that a miscounting sender is seen
 # (MSG_CTRUNC) rather than silently cut.
@@ -49,7 +55,13 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _TRUNC = int(socket.MSG_TRUNC)
 _HOST_SENT_OPS = frozenset({Op.READY, Op.REPLY, Op.KCALL, Op.LOG})
 # Looking a member up on its Enum class costs more than comparing it: once, here.
-_LOAD, _UNLOAD, _SHUTDOWN, _KREPLY, _REPLY = Op.LOAD, Op.UNLOAD, Op.SHUTDOWN, Op.KREPLY, Op.REPLY
+_LOAD, _UNLOAD, _SHUTDOWN, _KREPLY, _REPLY, _LANE = Op.LOAD, Op.UNLOAD, Op.SHUTDOWN, Op.KREPLY, Op.REPLY, Op.LANE
+# What may come on a lane: the drivers' own calls, nothing that loads, unloads or ends.
+_LANE_OPS = frozenset({Op.OPEN, Op.CLOSE, Op.READ, Op.WRITE, Op.SEEK, Op.IOCTL, Op.PRE_CLOSE, Op.POWER})
+# The Reflector opens a few lanes per host (see reflector.hostchannel.MAX_LANES); this bounds
+# what the fd table can lose to them whatever it sends.
+MAX_LANES = 16
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 # Stack of each thread started in the host (workers, and threads drivers start): glibc's default
 # is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
 # use up the limit; 1 MiB is ample for Python, whose calls between Python functions do not
@@ -93,6 +105,10 @@ class Host:
     def __init__(self, sock: socket.socket, arena: memoryview):
         self.sock = sock
         self.channel = Channel(sock)
+        self.channel_fd = sock.fileno()
+        self.lanes: dict[int, socket.socket] = {}     # fd -> lane; changed only by the leader
+        self.poller = select.epoll()                   # the channel and every lane
+        self.poller.register(self.channel_fd, select.EPOLLIN)
         self.arena = arena
         self.arena_size = len(arena)
         self.slots: dict[int, _Slot] = {}
@@ -114,12 +130,13 @@ class Host:
         the leadership has passed on), until ``me`` should lead no longer (None), or until the
         channel ends (None, after ``crew.end``)."""
         while True:
-            frame = self._receive()
-            if type(frame) is not Frame:
-                self.exit_status = frame
+            got = self._receive()
+            if type(got) is not tuple:
+                self.exit_status = got
                 self.crew.end(me)
                 return None
-            target = self._request(frame)
+            frame, lane = got
+            target = self._request(frame, lane)
             if target is None:
                 if self.crew.may_hand_off(me) and self.crew.pass_lead(me):
                     return None
@@ -133,56 +150,130 @@ class Host:
                 return None
 
     def _receive(self):
-        """The next request frame; KREPLYs are delivered on the way.  An int: the channel ended
-        (EOF, a failed receive, or a frame the Reflector should never send) with that status."""
+        """``(frame, lane)``: the next request, and the lane it came on (None: the channel).
+        KREPLYs and LANEs are handled on the way.  An int: the channel ended (EOF, a failed
+        receive, or a frame the Reflector should never send) with that status."""
         while True:
-            try:
-                data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, _CLOEXEC)
-            except OSError as exc:
-                self.channel.log(ERROR, f"host: recvmsg on the channel failed: {exc}")
-                return HostExit.CHANNEL_ERROR
-            fds = _fds_of(ancillary) if ancillary else []
-            if not data and not fds:
-                return HostExit.OK  # EOF: the Reflector closed its end (or SHUTDOWN finished)
-            if flags & _CTRUNC:
-                _close(fds)
-                return self._violation(HostExit.UNEXPECTED_FDS, "more file descriptors than a frame may carry")
-            if flags & _TRUNC:
-                _close(fds)
-                return self._violation(HostExit.BAD_FRAME, f"frame longer than {MAX_FRAME} bytes")
-            try:
-                frame = decode(data)
-            except ProtocolError as exc:
-                _close(fds)
-                return self._violation(HostExit.BAD_FRAME, exc.reason)
-            if fds and frame.op != _KREPLY:
-                _close(fds)
-                return self._violation(HostExit.UNEXPECTED_FDS,
-                                       f"{len(fds)} file descriptor(s) on a {frame.op.name} frame")
-            if frame.op in _HOST_SENT_OPS:
-                return self._violation(HostExit.BAD_FRAME, f"{frame.op.name} is sent by hosts, not to them")
-            if frame.op == _KREPLY:
-                status, value = frame.fields
-                if not self.channel.deliver(frame.req_id, status, value, frame.tail, fds):
-                    return self._violation(HostExit.BAD_FRAME, f"KREPLY {frame.req_id} answers no KCALL")
-                continue
-            return frame
+            if self.lanes:
+                fd = self.poller.poll(-1, 1)[0][0]
+                if fd != self.channel_fd:
+                    got = self._from_lane(fd)
+                    if got is not None:
+                        return got
+                    continue
+            got = self._from_channel()
+            if got is not None:
+                return got
+
+    def _from_lane(self, fd: int):
+        """``(frame, lane)``, None (nothing to serve: the lane closed or had nothing), or an exit
+        status for a frame that has no business on a lane."""
+        lane = self.lanes[fd]
+        try:
+            data = lane.recv(MAX_FRAME, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:           # the Reflector closed the lane (or it failed): forget it
+            self.poller.unregister(fd)
+            del self.lanes[fd]
+            lane.close()
+            return None
+        try:
+            frame = decode(data)
+        except ProtocolError as exc:
+            return self._violation(HostExit.BAD_FRAME, f"on a lane: {exc.reason}")
+        if frame.op not in _LANE_OPS:
+            return self._violation(HostExit.BAD_FRAME, f"{frame.op.name} came on a lane; it belongs on the channel")
+        return frame, lane
+
+    def _from_channel(self):
+        """``(frame, None)``, None (a KREPLY or LANE was handled), or an exit status."""
+        try:
+            data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, _CLOEXEC)
+        except OSError as exc:
+            self.channel.log(ERROR, f"host: recvmsg on the channel failed: {exc}")
+            return HostExit.CHANNEL_ERROR
+        fds = _fds_of(ancillary) if ancillary else []
+        if not data and not fds:
+            return HostExit.OK  # EOF: the Reflector closed its end (or SHUTDOWN finished)
+        if flags & _CTRUNC:
+            _close(fds)
+            if self._lane_refused(data):
+                return None
+            return self._violation(HostExit.UNEXPECTED_FDS, "more file descriptors than a frame may carry")
+        if flags & _TRUNC:
+            _close(fds)
+            return self._violation(HostExit.BAD_FRAME, f"frame longer than {MAX_FRAME} bytes")
+        try:
+            frame = decode(data)
+        except ProtocolError as exc:
+            _close(fds)
+            return self._violation(HostExit.BAD_FRAME, exc.reason)
+        if frame.op == _LANE:
+            return self._add_lane(frame, fds)
+        if fds and frame.op != _KREPLY:
+            _close(fds)
+            return self._violation(HostExit.UNEXPECTED_FDS,
+                                   f"{len(fds)} file descriptor(s) on a {frame.op.name} frame")
+        if frame.op in _HOST_SENT_OPS:
+            return self._violation(HostExit.BAD_FRAME, f"{frame.op.name} is sent by hosts, not to them")
+        if frame.op == _KREPLY:
+            status, value = frame.fields
+            if not self.channel.deliver(frame.req_id, status, value, frame.tail, fds):
+                return self._violation(HostExit.BAD_FRAME, f"KREPLY {frame.req_id} answers no KCALL")
+            return None
+        return frame, None
+
+    def _add_lane(self, frame: Frame, fds: list[int]):
+        if len(fds) != 1:
+            _close(fds)
+            return self._violation(HostExit.UNEXPECTED_FDS, f"LANE with {len(fds)} file descriptors, not one")
+        if self.shutting_down or len(self.lanes) >= MAX_LANES:
+            _close(fds)
+            return self._reply(frame, errno.EMFILE)
+        lane = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
+        try:
+            self.poller.register(lane.fileno(), select.EPOLLIN)
+        except OSError:
+            lane.close()
+            return self._reply(frame, errno.EINVAL)     # not something epoll can wait on
+        self.lanes[lane.fileno()] = lane
+        return self._reply(frame, 0)
+
+    def _lane_refused(self, data: bytes) -> bool:
+        """A LANE whose fd the kernel could not install (our fd table is full): refused with
+        EMFILE, and the host goes on (True).  False for any other frame."""
+        try:
+            frame = decode(data)
+        except ProtocolError:
+            return False
+        if frame.op != _LANE:
+            return False
+        self.channel.log(ERROR, "host: no file descriptor left for a lane; the Reflector keeps using the channel")
+        self._reply(frame, errno.EMFILE)
+        return True
 
     def _violation(self, status: HostExit, reason: str) -> int:
         self.channel.log(ERROR, f"host: protocol violation, exiting with {int(status)} ({status.name}): {reason}")
         return status
 
-    def _reply(self, frame: Frame, status: int, value: int = 0) -> None:
+    def _reply(self, frame: Frame, status: int, value: int = 0, lane: socket.socket | None = None) -> None:
         try:
-            self.channel.send(_REPLY, frame.req_id, frame.driver_id, status, value)
+            if lane is None:
+                self.channel.send(_REPLY, frame.req_id, frame.driver_id, status, value)
+            else:
+                lane.send(encode(_REPLY, frame.req_id, frame.driver_id, status, value))
         except OSError:
-            pass  # the Reflector is gone; the reader sees EOF and ends the host
+            pass  # the Reflector is gone (the reader sees EOF and ends the host), or closed the lane
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _request(self, frame: Frame):
+    def _request(self, frame: Frame, lane: socket.socket | None):
         """Handle what is quick here; for a driver's call return ``(pool, job)`` for the leader
-        to run or give away.  None: handled (replied, or given to a new pool at LOAD)."""
+        to run or give away.  None: handled (replied, or given to a new pool at LOAD).  The
+        reply goes back where the request came from: ``lane``, or the channel when None."""
         op = frame.op
         if op == _LOAD:
             return self._load(frame)
@@ -190,16 +281,16 @@ class Host:
             return self._shutdown()
         slot = self.slots.get(frame.driver_id)
         if slot is None:
-            return self._reply(frame, errno.ENODEV)
+            return self._reply(frame, errno.ENODEV, 0, lane)
         if op == _UNLOAD:
             del self.slots[frame.driver_id]  # later requests for it fail at once with ENODEV
             self.crew.set_leads(slot.pool, False)  # its threads are about to stop: none may be blocked receiving
             return slot.pool, lambda: self._unload(slot, frame)
         prepared = self._call_for(frame)
         if prepared is None:
-            return self._reply(frame, errno.EINVAL)
+            return self._reply(frame, errno.EINVAL, 0, lane)
         call, views = prepared
-        return slot.pool, lambda: self._run(slot, frame, call, views)
+        return slot.pool, lambda: self._run(slot, frame, call, views, lane)
 
     def _view(self, off: int, length: int, writable: bool) -> memoryview | None:
         """A view of exactly ``length`` arena bytes at ``off``, or None if it does not fit."""
@@ -263,8 +354,9 @@ class Host:
         Op.IOCTL: _ioctl_call,
     }
 
-    def _run(self, slot: _Slot, frame: Frame, call, views: tuple) -> None:
-        slot.ready.wait()
+    def _run(self, slot: _Slot, frame: Frame, call, views: tuple, lane: socket.socket | None) -> None:
+        if not slot.ready.is_set():      # the flag is a plain attribute; wait() takes a Condition
+            slot.ready.wait()
         loaded = slot.loaded
         status, value = (errno.ENODEV, 0) if loaded is None else call(loaded)
         for view in views:
@@ -274,7 +366,7 @@ class Host:
                 view.release()
             except BufferError:
                 pass
-        self._reply(frame, status, value)
+        self._reply(frame, status, value, lane)
 
     def _load(self, frame: Frame) -> None:
         if self.shutting_down:

@@ -58,6 +58,8 @@ class Op(enum.IntEnum):
     POWER = 10        # state: 0 power_down, 1 power_up
     SHUTDOWN = 11     # no body: deinit every driver and exit 0
     KREPLY = 12       # answer to a KCALL: status, value; tail and SCM_RIGHTS fds per KernelOp
+    LANE = 13         # SCM_RIGHTS: one SOCK_SEQPACKET socket on which driver requests come, each
+                      # answered there; reply (here) 0, or EMFILE when the host has no fd for it
 
     # Host -> Reflector.
     READY = 32        # once, after confinement: pid inside the host's pid namespace
@@ -98,6 +100,7 @@ _BODIES: dict[Op, str] = {
     Op.POWER: "I",
     Op.SHUTDOWN: "",
     Op.KREPLY: "iq",
+    Op.LANE: "",
     Op.READY: "I",
     Op.REPLY: "iq",
     Op.KCALL: "HQQQ",

@@ -347,6 +347,27 @@ def a_fds(ctx, arg):
     return err, len(fds)
 
 
+def a_fds_hold(ctx, arg):
+    """Take every fd the host may have, hold them ``arg`` ms, then give them back."""
+    fds, err = [], 0
+    try:
+        while True:
+            fds.extend(os.pipe())
+    except OSError as exc:
+        err = exc.errno
+    try:
+        while fds:                      # a pipe needs two: take the last one alone
+            fds.append(os.dup(fds[0]))
+    except OSError:
+        pass
+    try:
+        time.sleep(int(arg) / 1000)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return err, len(fds)
+
+
 def a_fill_tmp(ctx, arg):
     chunk, written, err = b"\xaa" * (1 << 20), 0, 0
     path = "/tmp/fill"
@@ -409,6 +430,37 @@ def a_forge_parked(ctx, arg):
     frame = struct.pack("<BBHIIIiq", 1, 33, 0, req.req_id, req.driver_id, 0, errno.ENOTRECOVERABLE, 0)
     os.write(channel_fd(), frame)
     time.sleep(1)
+    return 0, 0
+
+
+def request_lane():
+    """The lane the request being served came on (None: the channel), from the host's stack."""
+    f = sys._getframe()
+    while f is not None:
+        if "lane" in f.f_locals and "frame" in f.f_locals:
+            return f.f_locals["lane"]
+        f = f.f_back
+    return None
+
+
+def a_lane_extra_reply(ctx, arg):
+    """Answer our own request on its lane first; the host's genuine reply then follows, a frame
+    left on the lane for whichever request uses it next."""
+    lane, req = request_lane(), current_request()
+    if lane is None:
+        return errno.ENOENT, 0
+    forged = struct.pack("<BBHIIIiq", 1, 33, 0, req.req_id, req.driver_id, 0, 0, 0)
+    os.write(lane.fileno(), forged)
+    os.write(lane.fileno(), forged)     # and a second, left for the next request on this lane
+    return 0, 0
+
+
+def a_lane_close(ctx, arg):
+    """Close the host's end of the lane the request came on: its reply can never arrive."""
+    lane = request_lane()
+    if lane is None:
+        return errno.ENOENT, 0
+    os.close(lane.fileno())
     return 0, 0
 
 

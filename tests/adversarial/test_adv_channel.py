@@ -5,6 +5,7 @@ only the attacker's host."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from adv_kit import Hammer, attack
+from hostile_source import ATTACK, ECHO
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
@@ -89,6 +91,44 @@ def test_a_forged_reply_for_another_request_of_the_same_host(hostile_dm):
         # The forged reply was not yet read, or the host died first: the victim got EIO.
         assert victim[0].errno in (errno.ENOTRECOVERABLE, errno.EIO), victim
     hostile_dm.wait_state("HOS1:", "running")
+
+
+# -- lanes: one request at a time, one reply each -----------------------------------------------------
+
+def test_a_frame_left_on_a_lane_is_a_violation_for_its_next_user(hostile_dm):
+    hostile_dm.wait_state("HOS1:", "running")
+    with Hammer(hostile_dm), hostile_dm.client() as c, c.open("HOS1:") as h:
+        # Answered by the forgery (a host may answer its own request as it likes) ...
+        assert h.ioctl(ATTACK, json.dumps({"attack": "lane_extra_reply"}).encode(), 16) == b""
+        # ... and the frames it left on the lane (a second forgery, then the genuine reply) are
+        # what the next requests read.  The very next one may still get its own answer first,
+        # when the host served it before the attack had written its second frame.
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(h.ioctl(ECHO, b"x", 1))
+            except OSError as exc:
+                outcomes.append(exc.errno)
+                break
+        assert outcomes[-1] == errno.EIO and len(outcomes) <= 2, outcomes
+        recs = hostile_dm.wait_audit("protocol.violation", group=1)
+        assert any("on a lane" in r["detail"]["reason"] for r in recs), recs
+        hostile_dm.wait_audit("host.crashed", group=1)
+    hostile_dm.wait_state("HOS1:", "running")
+
+
+def test_a_host_closing_its_lane_is_a_violation(hostile_dm):
+    hostile_dm.wait_state("HOS1:", "running")
+    before = len(hostile_dm.audit("protocol.violation"))
+    with Hammer(hostile_dm), hostile_dm.client() as c, c.open("HOS1:") as h:
+        with pytest.raises(OSError) as exc:
+            attack(h, "lane_close")
+        assert exc.value.errno == errno.EIO
+        recs = hostile_dm.wait_audit("protocol.violation", count=before + 1)[before:]
+        assert any("closed a lane" in r["detail"]["reason"] for r in recs), recs
+    hostile_dm.wait_state("HOS1:", "running")
+    with hostile_dm.client() as c, c.open("HOS1:") as h:
+        assert h.ioctl(ECHO, b"back", 4) == b"back"
 
 
 # -- frames the Reflector must not read ------------------------------------------------------------

@@ -201,10 +201,13 @@ def test_a_pid_inside_the_host_exists_the_allowed_side(hos):
 def test_sendto_an_abstract_address_goes_to_the_reflector_which_kills_the_host(hostile_dm):
     # sendto is allowed (the channel needs it); on a connected SOCK_SEQPACKET the kernel
     # ignores the address, so the bytes land in the Reflector, which reads a 1-byte frame.
+    # The request itself came on a lane and is answered there: it may be answered before the
+    # reader has read the stray frame (and killed the host), or fail with EIO after.
     with hostile_dm.client() as c, c.open("HOS1:") as h:
-        with pytest.raises(OSError) as exc:
+        try:
             attack(h, "sendto_abstract", "\0drvbox-adversarial")
-        assert exc.value.errno == errno.EIO
+        except OSError as exc:
+            assert exc.errno == errno.EIO
     recs = hostile_dm.wait_audit("protocol.violation", group=GROUP)
     assert any("shorter than" in r["detail"]["reason"] for r in recs), recs
     hostile_dm.wait_state("HOS1:", "running")

@@ -7,10 +7,13 @@ or by the host's end in the audit log) while OKY1:, in another host, keeps answe
 from __future__ import annotations
 
 import errno
+import threading
+import time
 
 import pytest
 
 from adv_kit import Hammer, attack
+from hostile_source import ECHO
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
@@ -40,6 +43,26 @@ def test_fd_exhaustion_stops_at_rlimit_nofile(hostile_dm):
         assert err == errno.EMFILE, errno.errorcode.get(err, err)
         assert 0 < opened < MAX_OPEN_FILES, opened
         assert attack(h, "fds", 4) == (0, 8)
+    still_serves(hostile_dm)
+
+
+def test_a_host_without_fds_for_a_lane_is_served_over_its_channel(hostile_dm):
+    """Lanes cost the host an fd each.  With its fd table full, the host refuses a new lane
+    (EMFILE) instead of dying, and the Reflector sends that request over the channel."""
+    hostile_dm.wait_state("HOS1:", "running")
+    crashes = len(hostile_dm.audit("host.crashed"))
+    held: list = []
+    with hostile_dm.client() as c, c.open("HOS1:") as h:
+        holder = threading.Thread(target=lambda: held.append(attack(h, "fds_hold", 1200)))
+        holder.start()
+        time.sleep(0.3)      # not a threshold: gives the holder time to take the fds (HOS1: times out at 2 s)
+        # Another connection while the holder's lane is busy: it needs a new lane, and gets none.
+        with hostile_dm.client() as c2, c2.open("HOS1:") as h2:
+            assert h2.ioctl(ECHO, b"over the channel", 16) == b"over the channel"
+        holder.join(30)
+    assert held and held[0][0] == errno.EMFILE, held
+    assert "refused a lane" in hostile_dm.log()
+    assert len(hostile_dm.audit("host.crashed")) == crashes
     still_serves(hostile_dm)
 
 

@@ -55,6 +55,7 @@ class Host:
         self.kcalls = []
         self.replies = {}
         self.kernel = None  # callable(frame, tail) -> (status, value, tail, fds)
+        self.lanes = []     # our ends of the lanes handed to the host
         ready = self.recv()
         assert ready.op == Op.READY and ready.fields == (self.proc.pid,)
 
@@ -113,13 +114,15 @@ class Host:
         try:
             return self.proc.wait(GUARD)
         finally:
-            self.sock.close()
+            self.close()
 
     def close(self):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.sock.close()
+        for lane in self.lanes:
+            lane.close()
 
 
 @pytest.fixture
@@ -569,3 +572,72 @@ def test_eof_ends_the_host_whichever_thread_receives(host):
     assert host.ioctl(1, h, 0x80002000, b"abc") == (0, b"abc")
     host.sock.shutdown(socket.SHUT_WR)
     assert host.wait() == HostExit.OK
+
+
+# -- lanes: sockets of their own for driver requests, answered where they came from -------------
+
+def _lane(host):
+    """Hand the host one lane; returns our end (the host's reply to LANE is the status)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        status = host.reply(host.send(Op.LANE, 0, fds=[theirs.fileno()]))
+    finally:
+        theirs.close()
+    ours.settimeout(GUARD)
+    host.lanes.append(ours)
+    return ours, status
+
+
+def _on_lane(lane, op, driver_id, *fields, req_id=7):
+    lane.send(encode(op, req_id, driver_id, *fields))
+    frame = decode(lane.recv(MAX_FRAME))
+    assert frame.op == Op.REPLY and frame.req_id == req_id and frame.driver_id == driver_id
+    return frame.fields
+
+
+def test_requests_on_a_lane_are_answered_on_that_lane(host):
+    assert host.load(1, "echo.py") == (0, 0)
+    lane, status = _lane(host)
+    assert status == (0, 0)
+    status, h = _on_lane(lane, Op.OPEN, 1, 0, 0)
+    assert status == 0
+    host.arena[0:5] = b"lanes"
+    assert _on_lane(lane, Op.IOCTL, 1, h, 0x80002000, 0, 5, 4096, 16) == (0, 5)
+    assert host.arena[4096:4101] == b"lanes"
+    # The channel still serves too, and a closed lane is forgotten without harm.
+    lane.close()
+    assert host.ioctl(1, h, 0x80002000, b"chan") == (0, b"chan")
+    host.send(Op.SHUTDOWN, 0)
+    assert host.wait() == HostExit.OK
+
+
+def test_slow_driver_on_one_lane_does_not_hold_up_another_lane(host):
+    assert host.load(1, "slow.py", name="SLW1:") == (0, 0)
+    assert host.load(2, "echo.py", name="ECH1:") == (0, 0)
+    _, slow = host.call(Op.OPEN, 1, 0, 0)
+    _, fast = host.call(Op.OPEN, 2, 0, 0)
+    (first, _), (second, _) = _lane(host), _lane(host)
+    first.send(encode(Op.READ, 1, 1, slow, 8192, 16))
+    eventually(lambda: host.ioctl(1, slow, 0x80003004, out_len=1, out_off=100) == (0, b"\x01"))
+    for i in range(3):
+        host.arena[0:1] = b"%d" % i
+        assert _on_lane(second, Op.IOCTL, 2, fast, 0x80002000, 0, 1, 4096, 16, req_id=10 + i) == (0, 1)
+    assert host.ioctl(1, slow, 0x80003000) == (0, b"")      # release the slow read
+    assert decode(first.recv(MAX_FRAME)).fields == (0, 4)
+
+
+@pytest.mark.parametrize("op", [Op.LOAD, Op.UNLOAD, Op.SHUTDOWN, Op.KREPLY])
+def test_what_belongs_on_the_channel_ends_the_host_when_it_comes_on_a_lane(host, op):
+    lane, _ = _lane(host)
+    lane.send(encode(op, 1, 1, *([0, 0] if op == Op.KREPLY else [])))
+    assert host.wait() == HostExit.BAD_FRAME
+
+
+def test_a_lane_needs_exactly_one_fd_and_there_are_at_most_max_lanes(host):
+    from hosts.main import MAX_LANES
+    kept = [_lane(host) for _ in range(MAX_LANES)]
+    assert all(status == (0, 0) for _, status in kept)
+    _, status = _lane(host)
+    assert status == (errno.EMFILE, 0)
+    host.send(Op.LANE, 0)                 # no fd at all
+    assert host.wait() == HostExit.UNEXPECTED_FDS

@@ -55,6 +55,18 @@ def _current_request():
     raise RuntimeError("request frame not found on the stack")
 
 
+def _request_fd() -> int:
+    """Where the request being served came from, and its reply goes: its lane (found on the
+    host's stack, as a hostile driver would find it) or the channel."""
+    f = sys._getframe()
+    while f is not None:
+        if "lane" in f.f_locals and "frame" in f.f_locals:
+            lane = f.f_locals["lane"]
+            return _channel_fd() if lane is None else lane.fileno()
+        f = f.f_back
+    return _channel_fd()
+
+
 def _reply(req_id: int, driver_id: int, status: int, value: int) -> bytes:
     # version 1, op REPLY (33), reserved 0, req_id, driver_id, tail_len 0, status, value
     return struct.pack("<BBHIIIiq", 1, 33, 0, req_id, driver_id, 0, status, value)
@@ -115,12 +127,12 @@ class Driver(StreamDriver):
             raise DriverError(struct.unpack_from("<I", inbuf)[0])
         if code == IOCTL_FORGE_REPLY:
             req = _current_request()
-            os.write(_channel_fd(), _reply(req.req_id, req.driver_id, 0, len(outbuf) + 4096))
+            os.write(_request_fd(), _reply(req.req_id, req.driver_id, 0, len(outbuf) + 4096))
             time.sleep(5)
             return 0
         if code == IOCTL_FORGE_ID:
             req = _current_request()
-            os.write(_channel_fd(), _reply(req.req_id + 1000, req.driver_id, 0, 0))
+            os.write(_request_fd(), _reply(req.req_id + 1000, req.driver_id, 0, 0))
             time.sleep(5)
             return 0
         if code == IOCTL_SEND_FD:
