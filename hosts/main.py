@@ -7,20 +7,18 @@ system call the allowlist does not have.  Unconfined (unit tests, debugging)::
 
     python -m hosts.main --channel-fd N --arena-fd M --arena-size S
 
-One thread at a time receives: the leader (``hosts.pool``: the drivers' worker threads and the
-main thread take turns).  It decodes each frame and checks its arena offsets; a call for its own
-driver it runs itself, after passing the leadership on, and one for another driver it gives to
-that driver's pool.  The worker calls the driver and sends the REPLY.  KREPLYs are routed to the
-worker waiting in its KCALL (the main thread never runs driver code, so some thread always
-receives).  The Reflector is
+Every idle thread receives (``hosts.pool``: one crew waiting together on epoll, each frame
+waking one thread).  The thread decodes the frame, checks its arena offsets, and runs the call
+itself within the driver's quota of threads, then sends the REPLY; KREPLYs are routed to the
+thread waiting in its KCALL (the crew always keeps a thread free to receive).  The Reflector is
 trusted, so a frame it should never send ends the host with a ``HostExit`` status instead of
 being guessed at.
 
 Lanes: besides the channel, the Reflector may hand the host sockets (``Op.LANE``) on which it
 sends driver requests, one at a time per lane, and reads each REPLY itself: the thread that sent
 a request then receives its answer without a hand-over to the Reflector's reader thread.  The
-leader waits on the channel and every lane at once (epoll); a request from a lane is answered on
-that lane.  Everything else -- LOAD, UNLOAD, SHUTDOWN, KCALL/KREPLY, LOG -- stays on the channel.
+crew waits on the channel and every lane at once; a request from a lane is answered on that
+lane.  Everything else -- LOAD, UNLOAD, SHUTDOWN, KCALL/KREPLY, LOG -- stays on the channel.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ _LANE_OPS = frozenset({Op.OPEN, Op.CLOSE, Op.READ, Op.WRITE, Op.SEEK, Op.IOCTL, 
 # what the fd table can lose to them whatever it sends.
 MAX_LANES = 16
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 # Stack of each thread started in the host (workers, and threads drivers start): glibc's default
 # is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
 # use up the limit; 1 MiB is ample for Python, whose calls between Python functions do not
@@ -87,11 +86,11 @@ def _close(fds: list[int]) -> None:
 
 
 class _Slot:
-    """One driver of this host: its pool, and the LoadedDriver once LOAD has run."""
+    """One driver of this host: its quota of the crew, and the LoadedDriver once LOAD has run."""
 
     __slots__ = ("driver_id", "name", "pool", "loaded", "ready")
 
-    def __init__(self, driver_id: int, name: str, workers: pool.WorkerPool):
+    def __init__(self, driver_id: int, name: str, workers: pool.Quota):
         self.driver_id = driver_id
         self.name = name
         self.pool = workers
@@ -106,79 +105,61 @@ class Host:
         self.sock = sock
         self.channel = Channel(sock)
         self.channel_fd = sock.fileno()
-        self.lanes: dict[int, socket.socket] = {}     # fd -> lane; changed only by the leader
-        self.poller = select.epoll()                   # the channel and every lane
-        self.poller.register(self.channel_fd, select.EPOLLIN)
+        self.lanes: dict[int, socket.socket] = {}     # fd -> lane (under _lock)
+        self.poller = select.epoll()                   # the channel, every lane, the crew's control
+        self.poller.register(self.channel_fd, _ONESHOT_IN)
         self.arena = arena
         self.arena_size = len(arena)
         self.slots: dict[int, _Slot] = {}
         self.shutting_down = False
         self._unloads_left = 0
         self._lock = threading.Lock()
-        self.crew = pool.Crew(self._lead)
-        self.exit_status: int = HostExit.OK
+        self.crew = pool.Crew(self._receive, self.poller)
 
-    # -- receiving: whichever thread leads (see hosts.pool) ------------------------------------
+    # -- receiving: every idle thread of the crew (see hosts.pool) --------------------------------
 
     def serve(self) -> int:
         self.channel.send(Op.READY, 0, 0, os.getpid())
-        self.crew.serve()
-        return self.exit_status
-
-    def _lead(self, me: pool.Member):
-        """Receive frames until one is a request for ``me``'s own driver (returned as a job, after
-        the leadership has passed on), until ``me`` should lead no longer (None), or until the
-        channel ends (None, after ``crew.end``)."""
-        while True:
-            got = self._receive()
-            if type(got) is not tuple:
-                self.exit_status = got
-                self.crew.end(me)
-                return None
-            frame, lane = got
-            target = self._request(frame, lane)
-            if target is None:
-                if self.crew.may_hand_off(me) and self.crew.pass_lead(me):
-                    return None
-                continue
-            workers, job = target
-            if workers is me.pool:
-                self.crew.pass_lead(me)
-                return job
-            self.crew.give(workers, job)
-            if me.pool is None and self.crew.may_hand_off(me) and self.crew.pass_lead(me):
-                return None
+        status = self.crew.serve()
+        return HostExit.OK if status is None else status
 
     def _receive(self):
-        """``(frame, lane)``: the next request, and the lane it came on (None: the channel).
-        KREPLYs and LANEs are handled on the way.  An int: the channel ended (EOF, a failed
-        receive, or a frame the Reflector should never send) with that status."""
-        while True:
-            if self.lanes:
-                fd = self.poller.poll(-1, 1)[0][0]
-                if fd != self.channel_fd:
-                    got = self._from_lane(fd)
-                    if got is not None:
-                        return got
-                    continue
-            got = self._from_channel()
-            if got is not None:
-                return got
+        """Wait for one frame, on the channel or a lane, and handle it: ``(quota, job)`` for a
+        driver call to run, None when nothing is left to run, ``pool.CONTROL`` when the crew's
+        control fd woke us, or an exit status (the channel ended, or a frame broke the rules)."""
+        try:
+            fd = self.poller.poll(-1, 1)[0][0]
+        except OSError as exc:
+            self.channel.log(ERROR, f"host: epoll_wait failed: {exc}")
+            return HostExit.CHANNEL_ERROR
+        if fd == self.crew.control:
+            return pool.CONTROL
+        got = self._from_channel() if fd == self.channel_fd else self._from_lane(fd)
+        if type(got) is tuple:
+            return self._request(*got)
+        return got
 
     def _from_lane(self, fd: int):
         """``(frame, lane)``, None (nothing to serve: the lane closed or had nothing), or an exit
         status for a frame that has no business on a lane."""
-        lane = self.lanes[fd]
+        with self._lock:
+            lane = self.lanes.get(fd)
+        if lane is None:
+            return None
         try:
             data = lane.recv(MAX_FRAME, _DONTWAIT)
         except BlockingIOError:
-            return None
+            data = None
         except OSError:
             data = b""
-        if not data:           # the Reflector closed the lane (or it failed): forget it
-            self.poller.unregister(fd)
-            del self.lanes[fd]
+        if data == b"":        # the Reflector closed the lane (or it failed): forget it
+            with self._lock:
+                self.lanes.pop(fd, None)
+                self.poller.unregister(fd)
             lane.close()
+            return None
+        self.poller.modify(fd, _ONESHOT_IN)      # the next frame on it may wake another thread
+        if data is None:
             return None
         try:
             frame = decode(data)
@@ -191,13 +172,17 @@ class Host:
     def _from_channel(self):
         """``(frame, None)``, None (a KREPLY or LANE was handled), or an exit status."""
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, _CLOEXEC)
+            data, ancillary, flags, _ = self.sock.recvmsg(MAX_FRAME, _ANCILLARY, _CLOEXEC | _DONTWAIT)
+        except BlockingIOError:
+            self.poller.modify(self.channel_fd, _ONESHOT_IN)
+            return None
         except OSError as exc:
             self.channel.log(ERROR, f"host: recvmsg on the channel failed: {exc}")
             return HostExit.CHANNEL_ERROR
         fds = _fds_of(ancillary) if ancillary else []
         if not data and not fds:
             return HostExit.OK  # EOF: the Reflector closed its end (or SHUTDOWN finished)
+        self.poller.modify(self.channel_fd, _ONESHOT_IN)
         if flags & _CTRUNC:
             _close(fds)
             if self._lane_refused(data):
@@ -230,16 +215,18 @@ class Host:
         if len(fds) != 1:
             _close(fds)
             return self._violation(HostExit.UNEXPECTED_FDS, f"LANE with {len(fds)} file descriptors, not one")
-        if self.shutting_down or len(self.lanes) >= MAX_LANES:
+        if self.shutting_down or len(self.lanes) >= MAX_LANES:       # a racy count errs by one at most
             _close(fds)
             return self._reply(frame, errno.EMFILE)
         lane = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fds[0])
-        try:
-            self.poller.register(lane.fileno(), select.EPOLLIN)
-        except OSError:
-            lane.close()
-            return self._reply(frame, errno.EINVAL)     # not something epoll can wait on
-        self.lanes[lane.fileno()] = lane
+        with self._lock:
+            self.lanes[lane.fileno()] = lane
+            try:
+                self.poller.register(lane.fileno(), _ONESHOT_IN)
+            except OSError:
+                del self.lanes[lane.fileno()]
+                lane.close()
+                return self._reply(frame, errno.EINVAL)     # not something epoll can wait on
         return self._reply(frame, 0)
 
     def _lane_refused(self, data: bytes) -> bool:
@@ -271,9 +258,9 @@ class Host:
     # -- requests -------------------------------------------------------------------------------
 
     def _request(self, frame: Frame, lane: socket.socket | None):
-        """Handle what is quick here; for a driver's call return ``(pool, job)`` for the leader
-        to run or give away.  None: handled (replied, or given to a new pool at LOAD).  The
-        reply goes back where the request came from: ``lane``, or the channel when None."""
+        """Handle what is quick here; for a driver's call return ``(quota, job)`` for the crew
+        to run.  None: handled (replied).  The reply goes back where the request came from:
+        ``lane``, or the channel when None."""
         op = frame.op
         if op == _LOAD:
             return self._load(frame)
@@ -284,7 +271,6 @@ class Host:
             return self._reply(frame, errno.ENODEV, 0, lane)
         if op == _UNLOAD:
             del self.slots[frame.driver_id]  # later requests for it fail at once with ENODEV
-            self.crew.set_leads(slot.pool, False)  # its threads are about to stop: none may be blocked receiving
             return slot.pool, lambda: self._unload(slot, frame)
         prepared = self._call_for(frame)
         if prepared is None:
@@ -385,7 +371,7 @@ class Host:
             threads = spec.get("threads", pool.DEFAULT_THREADS)
             if type(threads) is not int:
                 raise ValueError(f"LOAD threads {threads!r} is not an int")
-            workers = pool.WorkerPool(self.crew, f"drv{frame.driver_id}", threads)
+            workers = self.crew.add(f"drv{frame.driver_id}", threads)
         except (ValueError, KeyError, UnicodeDecodeError) as exc:
             self.channel.log(ERROR, f"host: malformed LOAD for driver {frame.driver_id}: {exc!r}")
             return self._reply(frame, errno.EINVAL)
@@ -394,9 +380,9 @@ class Host:
             return self._reply(frame, errno.EAGAIN)
         slot = _Slot(frame.driver_id, name, workers)
         self.slots[frame.driver_id] = slot
-        # init(ctx) may make KCALLs whose KREPLYs only this reader can receive: so it runs on
-        # the driver's pool, never here.
-        workers.submit(lambda: self._finish_load(slot, frame, module, registry))
+        # init(ctx) runs within the driver's quota, like its calls (its KCALLs' KREPLYs are
+        # received by the other threads of the crew).
+        return workers, lambda: self._finish_load(slot, frame, module, registry)
 
     def _finish_load(self, slot: _Slot, frame: Frame, module: str, registry) -> None:
         driver_id = slot.driver_id
@@ -412,14 +398,13 @@ class Host:
         finally:
             slot.ready.set()
         if failure is None:
-            self.crew.set_leads(slot.pool, True)
             return self._reply(frame, 0)
         status, message = failure
         self.channel.log(ERROR, message, driver_id)
         with self._lock:
             if self.slots.get(driver_id) is slot:
                 del self.slots[driver_id]
-        slot.pool.stop()
+        self.crew.stop(slot.pool)
         self._reply(frame, status)
 
     def _unload(self, slot: _Slot, frame: Frame | None) -> None:
@@ -427,7 +412,7 @@ class Host:
         slot.ready.wait()
         if slot.loaded is not None:
             status, _ = slot.loaded.unload()
-        slot.pool.stop()
+        self.crew.stop(slot.pool)
         if frame is not None:
             self._reply(frame, status)
 
@@ -444,9 +429,7 @@ class Host:
             return self._end_reader()
         self._unloads_left = len(slots)
         for slot in slots:
-            self.crew.set_leads(slot.pool, False)
-        for slot in slots:
-            slot.pool.submit(lambda slot=slot: self._shutdown_one(slot))
+            self.crew.submit(slot.pool, lambda slot=slot: self._shutdown_one(slot))
 
     def _shutdown_one(self, slot: _Slot) -> None:
         try:

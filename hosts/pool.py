@@ -1,24 +1,27 @@
-"""The host's threads: a fixed set per driver, started at LOAD, taking turns at the channel.
+"""The host's threads: one crew that receives together, and a quota of threads per driver.
 
-Each driver has its own pool, so a driver that blocks holds up only its own requests, and no
-thread is created per request (thread creation is bounded by the host's limits; a request must
-not be what reaches them).
+Receiving.  Every thread not running a request waits in ``epoll_wait`` on one epoll set -- the
+channel, the lanes, and the crew's control eventfd -- each registered ``EPOLLONESHOT``: a frame
+wakes exactly one thread, which reads it and re-arms the socket (so the next frame wakes the
+next thread) before acting on it.  A request is then run by the thread that received it, at
+once: no hand-over between threads on the common path.
 
-Leader/follower: one thread at a time -- the *leader* -- receives on the channel.  A leader that
-receives a request for its own driver first passes the leadership on to an idle thread (a lock
-release) and then runs the request itself, so the common request costs no hand-over between
-threads.  A request for another driver goes to an idle thread of that driver, or to its backlog
-when all of them are busy; a slow driver therefore never holds up the others.  The main thread
-belongs to no driver and is always idle when it does not lead, so there is always somebody to
-lead: a KREPLY always finds a receiver while the thread that waits for it sits in driver code.
+Quotas.  Each driver may have at most ``size`` of its requests running at once (the ``threads``
+of its LOAD).  A request beyond that waits in the driver's backlog, and the thread that finishes
+one of that driver's requests takes the next.  The crew holds one thread more than all quotas
+together (its first thread, plus ``size`` started at each LOAD and retired after its UNLOAD), so
+some thread is always free to receive: a KREPLY always finds a receiver while the thread that
+waits for it sits in driver code, and a slow driver holds up only requests of its own.
 
-Threads of a driver lead only while it is loaded and not being unloaded (``leads``), so that a
-pool being stopped is never the one blocked in a receive: its threads end as soon as they are
-told to, not at the next frame.  Jobs never raise: each is a closure that replies on its own.
+Control.  Work that no frame brings -- a job submitted from another thread, a thread to retire,
+the end of the host -- is announced on the control eventfd; the thread it wakes takes one piece
+and re-arms it, so several pieces wake several threads.  No thread is created per request.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -26,181 +29,178 @@ from collections.abc import Callable
 DEFAULT_THREADS = 4
 MAX_THREADS = 16
 
-_LEAD = "lead"      # the task that makes a thread the leader
-_STOP = "stop"      # the task that ends an idle thread of a stopped pool
-_EXIT = "exit"      # the task that ends the main thread's serving (the host ends)
+CONTROL = "control"     # what ``receive`` returns when the control eventfd woke the thread
+_EXIT = "exit"
+_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 
 
-class Member:
-    """One thread of the crew: where it is woken, and what it is woken for."""
+class Quota:
+    """One driver's share of the crew: at most ``size`` of its jobs run at once."""
 
-    __slots__ = ("pool", "wake", "task")
+    __slots__ = ("name", "size", "running", "backlog", "stopped")
 
-    def __init__(self, pool: WorkerPool | None):
-        self.pool = pool
-        # A bare lock, taken at birth and released once per task: the cheapest wake-up between
-        # two Python threads (an Event costs a Condition and a second lock).
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.task = None
-
-    def give(self, task) -> None:
-        self.task = task
-        self.wake.release()
-
-    def take(self):
-        self.wake.acquire()
-        task, self.task = self.task, None
-        return task
+    def __init__(self, name: str, size: int):
+        self.name = name
+        self.size = size
+        self.running = 0
+        self.backlog: deque = deque()
+        self.stopped = False
 
 
 class Crew:
-    """Every thread of one host that may lead, and the rules by which the leadership passes.
+    """The host's threads.  ``receive()`` is the host's: it waits for and handles one frame (or
+    the control fd) and returns ``(quota, job)`` to run now, None (nothing to run), ``CONTROL``,
+    or an int exit status (the channel ended)."""
 
-    ``lead(member) -> job | None`` is the host's receive loop.  It returns a job for the
-    member's own pool after the member has passed the leadership on (``pass_lead``), or None
-    when the member no longer leads (passed on with nothing to do, or the host ended).
-    """
-
-    def __init__(self, lead: Callable[[Member], Callable[[], None] | None]):
-        self._lead = lead
+    def __init__(self, receive: Callable[[], object], poller: select.epoll):
+        self._receive = receive
+        self._poller = poller
         self._mutex = threading.Lock()
-        self._pools: list[WorkerPool] = []
-        self.main = Member(None)
+        self._ready: deque = deque()          # (quota, job) submitted, its quota slot taken
+        self._retire = 0                      # threads to end once idle (quotas stopped)
         self.ended = False
+        self._ended = threading.Event()
+        self.exit_status: int | None = None
+        self.control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        poller.register(self.control, _ONESHOT_IN)
 
-    # -- the main thread ---------------------------------------------------------------------
+    # -- threads -------------------------------------------------------------------------------
 
-    def serve(self) -> None:
-        """Run on the main thread: lead first (nobody else exists yet), then whenever told to;
-        return once the host has ended."""
-        me = self.main
-        while not self.ended:
-            self._lead(me)
-            if self.ended:
-                return
-            if me.take() == _EXIT:
-                return
+    def serve(self) -> int | None:
+        """Start the crew's first thread and wait, on the main thread, until the host ends;
+        returns the exit status.  The main thread does not receive: crew threads are alike and
+        any of them may be the one a retirement ends, which the main thread must not be."""
+        threading.Thread(target=self._loop, name="crew", daemon=True).start()
+        self._ended.wait()
+        return self.exit_status
 
-    def end(self, me: Member) -> None:
-        """Called by the leader that saw the end of the channel.  Nobody leads after it; the main
-        thread, idle unless it is this leader, is woken to return."""
-        with self._mutex:
-            self.ended = True
-        if me is not self.main:
-            self.main.give(_EXIT)
-
-    # -- passing the leadership ----------------------------------------------------------------
-
-    def pass_lead(self, me: Member) -> bool:
-        """Make an idle thread the leader instead of ``me``: one of ``me``'s pool if it may lead,
-        else one of another pool that may, else the main thread (never for the main thread
-        itself: it keeps leading when no worker is idle).  True if the leadership passed."""
-        with self._mutex:
-            successor = None
-            if me.pool is not None and me.pool.leads and me.pool.idle:
-                successor = me.pool.idle.pop()
-            else:
-                for pool in self._pools:
-                    if pool.leads and pool.idle:
-                        successor = pool.idle.pop()
-                        break
-            if successor is None:
-                if me is self.main:
-                    return False
-                successor = self.main
-        successor.give(_LEAD)
-        return True
-
-    def may_hand_off(self, me: Member) -> bool:
-        """Whether ``me`` should stop leading now: a worker whose pool may no longer lead, or
-        the main thread while a worker is idle and may."""
-        with self._mutex:
-            if me.pool is not None:
-                return not me.pool.leads
-            return any(pool.leads and pool.idle for pool in self._pools)
-
-    # -- jobs --------------------------------------------------------------------------------
-
-    def give(self, pool: WorkerPool, job: Callable[[], None]) -> None:
-        """Run ``job`` on a thread of ``pool``: an idle one now, else the first to finish."""
-        with self._mutex:
-            if pool.idle:
-                member = pool.idle.pop()
-            else:
-                pool.backlog.append(job)
-                return
-        member.give(job)
-
-    def _enlist(self, pool: WorkerPool) -> None:
-        with self._mutex:
-            self._pools.append(pool)
-
-    def set_leads(self, pool: WorkerPool, leads: bool) -> None:
-        with self._mutex:
-            pool.leads = leads and not pool.stopped
-
-    def stop(self, pool: WorkerPool) -> None:
-        """Each thread of ``pool`` ends after the jobs given to it before this call."""
-        with self._mutex:
-            pool.stopped = True
-            pool.leads = False
-            idle, pool.idle = pool.idle, []
-            if pool in self._pools:
-                self._pools.remove(pool)
-        for member in idle:
-            member.give(_STOP)
-
-    def _work(self, pool: WorkerPool) -> None:
-        me = Member(pool)
-        while True:
-            with self._mutex:
-                if pool.backlog:
-                    task = pool.backlog.popleft()
-                elif pool.stopped or self.ended:
-                    return
-                else:
-                    pool.idle.append(me)
-                    task = None
-            if task is None:
-                task = me.take()
-            if task == _STOP:
-                return
-            if task == _LEAD:
-                task = self._lead(me)
-                if task is None:
-                    continue
-            try:
-                task()
-            except BaseException:  # a job replies itself; nothing may end a worker early
-                pass
-
-
-class WorkerPool:
-    """The fixed threads of one driver.  ``leads``: its idle threads may be made leader (set
-    once the driver is loaded, cleared when it is unloaded)."""
-
-    def __init__(self, crew: Crew, name: str, size: int = DEFAULT_THREADS):
+    def add(self, name: str, size: int) -> Quota:
+        """A quota of ``size`` for a driver being loaded, and ``size`` more threads for the crew.
+        RuntimeError (nothing added) when the host's limits refuse the threads."""
         if not 1 <= size <= MAX_THREADS:
             raise ValueError(f"pool {name}: {size} threads, expected 1..{MAX_THREADS}")
-        self.name = name
-        self.crew = crew
-        self.idle: list[Member] = []
-        self.backlog: deque = deque()
-        self.leads = False
-        self.stopped = False
-        crew._enlist(self)
-        self._threads = [threading.Thread(target=crew._work, args=(self,), name=f"{name}-{i}", daemon=True)
-                         for i in range(size)]
+        quota = Quota(name, size)
+        started = 0
         try:
-            for thread in self._threads:
-                thread.start()
+            for i in range(size):
+                threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True).start()
+                started += 1
         except RuntimeError:
-            self.stop()
+            with self._mutex:
+                self._retire += started
+                self._signal()
             raise
+        return quota
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self.crew.give(self, job)
+    def _loop(self) -> None:
+        receive = self._receive
+        while True:
+            got = receive()
+            if got is None:
+                continue
+            if got is CONTROL:
+                task = self._on_control()
+                if task is _EXIT:
+                    return
+                if task is not None:
+                    self._drain(*task)
+                continue
+            if type(got) is tuple:
+                self.run(*got)
+                continue
+            self.end(got)
+            return
 
-    def stop(self) -> None:
-        self.crew.stop(self)
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def run(self, quota: Quota, job: Callable[[], None]) -> None:
+        """Run ``job`` on this thread now if ``quota`` allows, else queue it in its backlog."""
+        with self._mutex:
+            if quota.running >= quota.size:
+                quota.backlog.append(job)
+                return
+            quota.running += 1
+        self._drain(quota, job)
+
+    def submit(self, quota: Quota, job: Callable[[], None]) -> None:
+        """Run ``job`` on another thread (one woken for it), or queue it behind ``quota``'s."""
+        with self._mutex:
+            if quota.running >= quota.size:
+                quota.backlog.append(job)
+                return
+            quota.running += 1
+            self._ready.append((quota, job))
+            self._signal()
+
+    def _drain(self, quota: Quota, job: Callable[[], None]) -> None:
+        """Run ``job`` (its quota slot taken), then the quota's backlog; give the slot back."""
+        while True:
+            try:
+                job()
+            except BaseException:   # a job replies itself; nothing may end a crew thread early
+                pass
+            with self._mutex:
+                if quota.backlog:
+                    job = quota.backlog.popleft()
+                    continue
+                quota.running -= 1
+                if quota.stopped and quota.running == 0:
+                    self._retire_quota(quota)
+                return
+
+    def stop(self, quota: Quota) -> None:
+        """The driver is unloaded: its jobs already given still run; after the last, its threads
+        leave the crew."""
+        with self._mutex:
+            if quota.stopped:
+                return
+            quota.stopped = True
+            if quota.running == 0 and not quota.backlog:
+                self._retire_quota(quota)
+
+    def _retire_quota(self, quota: Quota) -> None:
+        # Only once nothing of the quota runs, so that the free-receiver margin always holds.
+        if quota.size:
+            self._retire += quota.size
+            quota.size = 0
+            self._signal()
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def end(self, status: int) -> None:
+        """The channel ended with ``status``: every idle thread returns (the main thread too,
+        whence ``serve`` returns); threads inside driver code are left to the process's exit."""
+        with self._mutex:
+            if not self.ended:
+                self.ended = True
+                self.exit_status = status
+            self._signal()
+        self._ended.set()
+
+    # -- the control eventfd ---------------------------------------------------------------------
+
+    def _signal(self) -> None:
+        """Called with the mutex held: make the control fd readable (it is armed or about to be)."""
+        os.eventfd_write(self.control, 1)
+
+    def _on_control(self):
+        """One piece of control work for the thread the control fd woke: ``_EXIT``, a ready
+        ``(quota, job)``, or None.  Re-arms the fd; clears it only when nothing is left, so
+        that every piece wakes a thread of its own."""
+        with self._mutex:
+            if self.ended:
+                task = _EXIT
+            elif self._retire:
+                self._retire -= 1
+                task = _EXIT
+            elif self._ready:
+                task = self._ready.popleft()
+            else:
+                task = None
+            if not (self.ended or self._retire or self._ready):
+                try:
+                    os.eventfd_read(self.control)
+                except BlockingIOError:
+                    pass
+            self._poller.modify(self.control, _ONESHOT_IN)
+        return task
