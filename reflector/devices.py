@@ -18,6 +18,8 @@ from policy import decisions
 
 log = logging.getLogger("drvbox.device")
 
+MAX_CODES_REMEMBERED = 1024
+
 # Device states, as `drvbox ls` reports them.
 RUNNING, RESTARTING, QUARANTINED, REJECTED, STOPPED = "running", "restarting", "quarantined", "rejected", "stopped"
 
@@ -44,6 +46,9 @@ class Device:
         self.module_path = module_path
         self.audit = audit
         self.restarts = 0
+        # Codes the policy allowed once, so allowed again: the policy document is immutable for
+        # the life of this object.  Bounded, so that a client cycling through codes cannot grow it.
+        self._codes_allowed: set[int] = set()
 
     # Checks shared by both modes: each returns only when the policy allows the call.
     def check_transfer(self, op: str, length: int) -> None:
@@ -55,7 +60,9 @@ class Device:
 
     def check_ioctl(self, code: int, in_len: int, out_len: int) -> None:
         limit = self.policy.max_io_size
-        if in_len > limit or out_len > limit:       # one comparison on the allowed path
+        if in_len <= limit and out_len <= limit and code in self._codes_allowed:
+            return
+        if in_len > limit or out_len > limit:
             for op, length in (("ioctl-in", in_len), ("ioctl-out", out_len)):
                 if length > limit:
                     self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,
@@ -67,6 +74,8 @@ class Device:
             self.audit.record("policy.denied", device=self.name, driver=self.entry.dll, group=self.entry.group,
                               detail={"op": "ioctl", "code": f"{code:#010x}", "reason": d.reason})
             raise _fail(errno.EACCES, d.reason)
+        if len(self._codes_allowed) < MAX_CODES_REMEMBERED:
+            self._codes_allowed.add(code)
 
     @property
     def state(self) -> str:

@@ -296,10 +296,16 @@ class _Session:
         return device.write(ref, data), b""
 
     def _op_ioctl(self, req: cw.Request, fds) -> tuple[int, bytes]:
-        device, ref = self._lookup(req.handle)
+        entry = self.handles.get(req.handle)
+        if entry is None:
+            return self._lookup(req.handle)          # raises EBADF
+        device, ref = entry
         code, in_len, in_off, out_len, out_off = req.fields
-        data = self._input(req, in_off, in_len)
-        out, inline = self._buffer(req, out_off, out_len)
+        if req.flags or out_len > cw.MAX_INLINE or len(req.tail) != in_len:
+            data = self._input(req, in_off, in_len)
+            out, inline = self._buffer(req, out_off, out_len)
+        else:                                        # the common small IOCTL, inline both ways
+            data, out, inline = memoryview(req.tail), memoryview(bytearray(out_len)), True
         n = device.ioctl(ref, code, data, out)
         return n, out[:n] if inline else b""
 

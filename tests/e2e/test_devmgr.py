@@ -89,6 +89,16 @@ def test_errno_contract(start_dm):
             with pytest.raises(OSError) as exc:
                 h.write(b"x" * 0x10001)
             assert exc.value.errno == errno.EMSGSIZE
+            # A code allowed once (and remembered so) is still held to MaxIoSize; a denied one
+            # stays denied, and is audited each time.
+            assert h.ioctl(ECHO, b"ok", 2) == b"ok"
+            with pytest.raises(OSError) as exc:
+                h.ioctl(ECHO, b"x" * 0x10001, 2)
+            assert exc.value.errno == errno.EMSGSIZE
+            with pytest.raises(OSError) as exc:
+                h.ioctl(DENIED, b"", 0)
+            assert exc.value.errno == errno.EACCES
+            assert len(dm.wait_audit("policy.denied", count=3, device="FLT1:")) >= 3
             with pytest.raises(OSError) as exc:
                 h.ioctl(SLEEP, struct.pack("<I", 5000), 0)
             assert exc.value.errno == errno.ETIMEDOUT
