@@ -142,8 +142,7 @@ class Host:
     def _from_lane(self, fd: int):
         """``(frame, lane)``, None (nothing to serve: the lane closed or had nothing), or an exit
         status for a frame that has no business on a lane."""
-        with self._lock:
-            lane = self.lanes.get(fd)
+        lane = self.lanes.get(fd)       # one dict read, atomic: changes are made under _lock
         if lane is None:
             return None
         try:

@@ -98,11 +98,12 @@ class _Lane:
     """One lane: our end of its socketpair, and the receive timeout set on it (SO_RCVTIMEO, so
     a blocking recv times out in the kernel, without a poll before it)."""
 
-    __slots__ = ("sock", "timeout")
+    __slots__ = ("sock", "timeout", "driver_id")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.timeout: float | None = None
+        self.driver_id = 0              # whose request it carries now (blame, if the host dies)
 
     def set_timeout(self, timeout: float | None) -> None:
         if timeout != self.timeout:
@@ -171,7 +172,7 @@ class HostChannel:
         self._idle_lanes: list[_Lane] = []     # a stack: the most recently used lane first
         self._lanes_made = 0
         self._no_lanes_until = 0.0             # the host had no fd for one: ask again after this
-        self._in_lanes: dict[int, int] = {}    # req_id -> driver_id of requests on lanes now
+        self._busy_lanes: set[_Lane] = set()   # lanes carrying a request now
         self._dead = threading.Event()         # set once the group has heard of the death
         self._reader = threading.Thread(target=self._read_loop, name=f"host-{name}", daemon=True)
 
@@ -265,7 +266,9 @@ class HostChannel:
             if not self._alive:
                 return None                  # the channel path reports the death
             if self._idle_lanes:
-                return self._idle_lanes.pop()
+                lane = self._idle_lanes.pop()
+                self._busy_lanes.add(lane)
+                return lane
             if self._lanes_made >= MAX_LANES or (self._no_lanes_until and _monotonic() < self._no_lanes_until):
                 return None
             self._lanes_made += 1
@@ -288,14 +291,15 @@ class HostChannel:
                 self._lanes_made -= 1
                 self._no_lanes_until = _monotonic() + LANE_RETRY_S
             return None
-        return _Lane(ours)
+        lane = _Lane(ours)
+        with self._lock:
+            self._busy_lanes.add(lane)
+        return lane
 
     def _lane_call(self, lane: _Lane, op: Op, driver_id: int, fields: tuple, max_value: int,
                    timeout: float | None) -> tuple[int, int]:
         req_id = next(self._ids) & 0xFFFFFFFF
-        lock = self._lock
-        with lock:
-            self._in_lanes[req_id] = driver_id      # so that a crash now blames this driver too
+        lane.driver_id = driver_id                  # so that a crash now blames this driver too
         good = False
         try:
             sock = lane.sock
@@ -327,8 +331,8 @@ class HostChannel:
             good = True
             return status, value
         finally:
-            with lock:
-                self._in_lanes.pop(req_id, None)
+            with self._lock:
+                self._busy_lanes.discard(lane)
                 if good and self._alive:
                     self._idle_lanes.append(lane)
                     lane = None
@@ -481,7 +485,7 @@ class HostChannel:
         with self._lock:
             self._alive = False
             pending = list(self._pending.values())
-            on_lanes = set(self._in_lanes.values())
+            on_lanes = {lane.driver_id for lane in self._busy_lanes}
             idle_lanes, self._idle_lanes = self._idle_lanes, []
         for lane in idle_lanes:
             lane.sock.close()
