@@ -285,22 +285,24 @@ class SharedBuffer:
     """Memory shared with the Device Manager (see :meth:`DeviceManager.shared_buffer`).
 
     ``view`` is a writable memoryview of it; ``buf[a:b]`` is a SharedBuffer of part of it, for
-    reading or writing fewer bytes.  Closing the whole buffer detaches it (its views go with it).
+    reading or writing fewer bytes.  Closing the whole buffer frees the connection's slot for
+    another; views still held keep their memory readable until they go.
     """
 
-    __slots__ = ("dm", "slot", "_mmap", "offset", "length", "_flags", "_whole")
+    __slots__ = ("dm", "slot", "_mmap", "offset", "length", "_flags", "_closed", "_whole")
 
     def __init__(self, dm: DeviceManager, slot: int, shm: mmap.mmap, offset: int, length: int,
-                 whole: bool = True):
+                 closed: list | None = None):
         self.dm, self.slot, self._mmap = dm, slot, shm
         self.offset, self.length = offset, length
         self._flags = cw.shm_flags(slot)
-        self._whole = whole
+        self._whole = closed is None
+        self._closed = [False] if closed is None else closed     # shared with every slice
 
     def _place(self, dm: DeviceManager) -> tuple[int, int]:
         if dm is not self.dm:
             raise ValueError("a shared buffer belongs to the connection that made it")
-        if self._mmap.closed:
+        if self._closed[0]:
             raise ValueError("the shared buffer is closed")
         return self.length, self.offset
 
@@ -317,18 +319,19 @@ class SharedBuffer:
         start, stop, step = part.indices(self.length)
         if step != 1:
             raise ValueError("a SharedBuffer slice must be contiguous")
-        return SharedBuffer(self.dm, self.slot, self._mmap, self.offset + start, max(0, stop - start), whole=False)
+        return SharedBuffer(self.dm, self.slot, self._mmap, self.offset + start, max(0, stop - start),
+                            closed=self._closed)
 
     def tobytes(self) -> bytes:
         return self._mmap[self.offset:self.offset + self.length]
 
     def close(self) -> None:
-        if self._whole and not self._mmap.closed:
+        if self._whole and not self._closed[0]:
+            self._closed[0] = True
             try:
                 self._mmap.close()
             except BufferError:
-                raise BufferError("views of this shared buffer are still held: release them "
-                                  "(view.release(), or let them go) before closing it") from None
+                pass        # views are still held: the mapping goes with the last of them
             self.dm._free_slot(self.slot)
 
     def __enter__(self) -> "SharedBuffer":

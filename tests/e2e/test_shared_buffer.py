@@ -56,7 +56,11 @@ def test_one_shared_buffer_per_connection_and_only_its_own(dm):
         with c.shared_buffer(8192) as again:     # the slot is free again, and works
             again.view[:5] = b"still"
             assert h.write(again[:5]) == 5
+            kept = again.view[:5]                # a view held past the buffer's end ...
         assert h.read(5) == b"still"
+        assert bytes(kept) == b"still"           # ... stays readable, and the slot is free
+        with c.shared_buffer(4096):
+            pass
 
 
 def test_a_slot_outside_the_protocol_or_never_attached_is_einval(dm):
