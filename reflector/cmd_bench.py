@@ -11,7 +11,11 @@ def register(sub) -> None:
         "bench", help="measure request latency and throughput against this machine's floors",
         description="Measures floors (socket ping-pong over one and two hops, memcpy, python start-up), "
                     "then starts a real Device Manager with a sandboxed host and measures IOCTLs in kernel "
-                    "and user mode, 1 MiB reads, host start and restart.  Reports ratios; medians throughout. "
+                    "and user mode, 1 MiB reads (user mode into a shared buffer and into a private one, and "
+                    "kernel mode), host start and restart.  Reports ratios; medians throughout; a table, or "
+                    "with --json one object (keys floor_1hop_us, floor_2hop_us, ioctl_kernel_us, "
+                    "ioctl_user_us, ioctl_user_p99_us, memcpy_1mib_bps, read_1mib_bps, read_1mib_copy_bps, "
+                    "read_1mib_kernel_bps, python_start_ms, host_start_ms, host_restart_ms, ratio_*).  "
                     "With --hw, also register access on the simulated hardware (mapped versus mediated) "
                     "and interrupt delivery latency from the model to the driver.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
