@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 from reflector import clientwire as cw
-from reflector.paths import default_socket
+from reflector.paths import check_socket_dir, default_socket, fallback_runtime_dir
 
 __all__ = ["connect", "DeviceManager", "Handle", "SharedBuffer"]
 
@@ -45,8 +45,13 @@ _REPLY, _REPLY_SIZE, _REPLY_OP = cw.REPLY, cw.REPLY.size, int(cw.Op.REPLY)
 
 
 def connect(path: str | os.PathLike | None = None) -> "DeviceManager":
-    """Connect to the Device Manager at ``path`` (default: $DRVBOX_SOCKET or the standard path)."""
-    return DeviceManager(Path(path) if path else default_socket())
+    """Connect to the Device Manager at ``path`` (default: $DRVBOX_SOCKET or the standard path).
+
+    The socket's directory is checked first: one that another user may write is refused
+    (``reflector.paths.UnsafeSocketDir``), since its owner could have put their own socket there."""
+    path = Path(path) if path else default_socket()
+    check_socket_dir(path, create=False, owner_checked=path.parent == fallback_runtime_dir())
+    return DeviceManager(path)
 
 
 class DeviceManager:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -18,15 +19,52 @@ def default_state_dir() -> Path:
 
 
 def default_socket() -> Path:
-    """``$DRVBOX_SOCKET``, else ``/run/drvbox.sock`` for root, else ``$XDG_RUNTIME_DIR/drvbox.sock``."""
+    """``$DRVBOX_SOCKET``, else ``/run/drvbox.sock`` for root, else ``$XDG_RUNTIME_DIR/drvbox.sock``,
+    else ``/tmp/drvbox-<uid>/drvbox.sock`` (a directory only its owner may write: see
+    :func:`check_socket_dir`)."""
     env = os.environ.get("DRVBOX_SOCKET")
     if env:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/run/drvbox.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/drvbox-{os.geteuid()}"
-    return Path(runtime) / "drvbox.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return (Path(runtime) if runtime else fallback_runtime_dir()) / "drvbox.sock"
 
 
-def audit_log_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "audit.log"
+class UnsafeSocketDir(PermissionError):
+    """The socket's directory could let someone else put their own socket in its place."""
+
+
+def fallback_runtime_dir() -> Path:
+    """Where a non-root user's socket goes when ``$XDG_RUNTIME_DIR`` is unset."""
+    return Path(f"/tmp/drvbox-{os.geteuid()}")
+
+
+def check_socket_dir(socket_path: Path, *, create: bool, owner_checked: bool = True) -> None:
+    """Refuse a socket directory someone else could write: whoever can write it can replace the
+    socket, and then receives what clients send (device data) or answers them as the Device
+    Manager.  A sticky directory (``/tmp``) is safe: nobody may remove or rename another's file.
+
+    ``create``: make a missing directory, mode 0700 (the Device Manager does; clients do not).
+    ``owner_checked``: also refuse a directory owned by anyone but this user or root (always for
+    the Device Manager; for a client only where the directory should be its own, the fallback
+    under /tmp -- a Device Manager run by a service user may well own the directory clients use).
+    """
+    directory = Path(socket_path).parent
+    if create and not directory.exists():
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return                 # nothing listens there; connecting says so itself
+    euid = os.geteuid()
+    if owner_checked and st.st_uid not in (euid, 0):
+        raise UnsafeSocketDir(
+            f"{directory} (the directory of the socket {socket_path}) belongs to uid {st.st_uid}, not to you "
+            f"(uid {euid}) or root: its owner could replace the socket.  Remove it, or choose another "
+            f"path with --socket or DRVBOX_SOCKET")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeSocketDir(
+            f"{directory} (the directory of the socket {socket_path}) is writable by others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}) and not sticky: anyone could replace the socket.  "
+            f"chmod go-w {directory}, or choose another path with --socket or DRVBOX_SOCKET")

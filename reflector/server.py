@@ -25,6 +25,7 @@ from pathlib import Path
 
 from policy import decisions
 from reflector import clientwire as cw
+from reflector import paths
 
 log = logging.getLogger("drvbox.server")
 
@@ -77,7 +78,7 @@ class Server:
         self._stopping = False
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        paths.check_socket_dir(self.path, create=True)
         if self.path.exists() or self.path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
