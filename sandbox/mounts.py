@@ -10,7 +10,9 @@ Child side, ``apply``, inside the new mount namespace, in this order:
 3. the new root: a tmpfs at ``/newroot``; its private writable ``/tmp`` (noexec: no native code
    written at run time can be mapped executable); each bind from ``/oldroot`` then made
    read-only, nosuid and nodev, recursively (``mount_setattr``; not noexec: they hold the
-   extension modules and shared libraries the host maps); a
+   extension modules and shared libraries the host maps); each directory made right under
+   ``/tmp`` on the way to a bind deeper down bound onto itself read-only (the host's uid may be
+   the only one that can own it: its mode cannot protect it); a
    fresh ``/proc`` of the host's own pid namespace, read-only; ``/dev/{null,zero,urandom}``;
 4. the new root made read-only, and the second ``pivot_root(".", ".")`` with the old root
    detached (``umount2(MNT_DETACH)``): nothing of the host system is reachable any more.
@@ -28,6 +30,7 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
 RESERVED = ("/proc", "/dev", "/oldroot", "/newroot")
 
 _BASE = "/tmp"   # the scratch mount point, only in our own mount namespace
+HOST_TMP = "/tmp"   # the host's own writable tmpfs, in its view
 
 
 def _module_paths(name: str) -> list[str]:
@@ -143,8 +146,8 @@ def apply(view: dict) -> None:
     libc.mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755",
                "mount('tmpfs', '/newroot', 'tmpfs', MS_NOSUID|MS_NODEV)")
     # The host's own writable /tmp first, so that a bind under /tmp lands on top of it.
-    os.mkdir(new + "/tmp", 0o755)
-    libc.mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, view["tmpfs"],
+    os.mkdir(new + HOST_TMP, 0o755)
+    libc.mount("tmpfs", new + HOST_TMP, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, view["tmpfs"],
                f"mount('tmpfs', '/tmp', 'tmpfs', MS_NOSUID|MS_NODEV|MS_NOEXEC, {view['tmpfs']!r})")
     readonly = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
     for path in view["binds"]:
@@ -159,6 +162,14 @@ def apply(view: dict) -> None:
         _makedirs(os.path.dirname(new + link))
         if not os.path.lexists(new + link):
             os.symlink(target, new + link)
+    # The directories made above on the way to a bind or symlink under /tmp sit on the host's
+    # writable tmpfs.  Their owner cannot protect them: in a user namespace the only id that may
+    # own a new file there is the host's own.  So each one made right under /tmp is bound onto
+    # itself read-only, with everything below it; the rest of /tmp stays the host's.
+    for top in _made_under_tmp(view):
+        libc.mount(new + top, new + top, None, libc.MS_BIND | MS_REC, None,
+                   f"mount({top!r}, {top!r}, NULL, MS_BIND|MS_REC)")
+        libc.mount_setattr(new + top, True, readonly, f"mount_setattr({top!r}, AT_RECURSIVE, read-only)")
     os.makedirs(new + "/proc", 0o755, exist_ok=True)
     libc.mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, None,
                "mount('proc', '/proc', 'proc', MS_NOSUID|MS_NODEV|MS_NOEXEC|MS_RDONLY)")
@@ -168,6 +179,16 @@ def apply(view: dict) -> None:
     libc.pivot_root(".", ".")
     libc.umount2(".", MNT_DETACH, "umount2(old root, MNT_DETACH)")
     os.chdir("/")
+
+
+def _made_under_tmp(view: dict) -> list[str]:
+    """The directories right under the host's /tmp that ``apply`` makes on the way to a bind or
+    a symlink deeper down (one right in /tmp covers its own mount point, or is only a link)."""
+    made = []
+    for path in [*view["binds"], *(link for link, _ in view["symlinks"])]:
+        if path.startswith(HOST_TMP + "/") and "/" in path[len(HOST_TMP) + 1:]:
+            made.append(HOST_TMP + "/" + path[len(HOST_TMP) + 1:].split("/")[0])
+    return [top for top in dict.fromkeys(made) if top not in view["binds"]]
 
 
 def _makedirs(path: str) -> None:

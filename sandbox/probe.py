@@ -47,6 +47,10 @@ def _write_tmp():
     os.unlink("/tmp/drvbox-probe")
 
 
+def _create(path: str):
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _thread():
     t = threading.Thread(target=lambda: None)
     t.start()
@@ -68,6 +72,7 @@ CHECKS = {
     "write_tmp": lambda: _errno_of(_write_tmp),
     "thread": lambda: _errno_of(_thread),
     "kill_outside": None,            # needs arg["outside_pid"]
+    "create_files": None,            # needs arg["create_files"]: paths to create, each O_EXCL
     "proc_pids": lambda: sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
     "root_listing": lambda: sorted(os.listdir("/")),
     "getuid": lambda: [os.getuid(), os.getgid(), os.getgroups()],
@@ -81,6 +86,8 @@ def run(fds: list[int], arg: dict) -> int:
     for name in arg.get("checks", []):
         if name == "kill_outside":
             results[name] = _errno_of(lambda: os.kill(int(arg["outside_pid"]), 0))
+        elif name == "create_files":
+            results[name] = {p: _errno_of(lambda p=p: _create(p)) for p in arg["create_files"]}
         elif name in CHECKS:
             try:
                 results[name] = CHECKS[name]()
