@@ -1,7 +1,8 @@
 """The mount view of a host: a read-only tmpfs root holding only what the host needs.
 
-Parent side, ``plan``: which paths are bound (the Python install, the shared libraries, the
-modules pyseccomp and prctl, the drvbox packages the target needs, the spec's readonly_paths).
+Parent side, ``plan``: which paths are bound (the shared libraries, Python's standard library
+and libpython -- not its whole prefix --, the modules pyseccomp and prctl, the drvbox packages
+the target needs, the spec's readonly_paths).
 Child side, ``apply``, inside the new mount namespace, in this order:
 
 1. every mount made private, so nothing we do propagates back to the host system;
@@ -45,6 +46,26 @@ def _module_paths(name: str) -> list[str]:
     return [os.path.realpath(spec.origin)] if spec.origin and os.path.isabs(spec.origin) else []
 
 
+def _python_paths() -> list[str]:
+    """What the interpreter itself needs inside: its standard library (lib-dynload lies in it)
+    and, for a shared build, libpython.  Not its prefix, which for a system Python is all of
+    /usr (bin, sbin, share...)."""
+    import sysconfig   # parent side only, like importlib.util above
+    # The base installation's paths, not a virtual environment's: a venv's platstdlib is its own
+    # lib/pythonX.Y, which holds its site-packages (every dependency of the Reflector).
+    base = {"installed_base": sys.base_prefix, "base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix, "platbase": sys.base_exec_prefix}
+    paths = [sysconfig.get_path(name, vars=base) for name in ("stdlib", "platstdlib")]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir:
+        # The link name and the soname the dynamic linker resolves (usually a symlink to it).
+        for var in ("LDLIBRARY", "INSTSONAME"):
+            name = sysconfig.get_config_var(var)
+            if name:
+                paths.append(os.path.join(libdir, name))
+    return [path for path in dict.fromkeys(paths) if path and os.path.exists(path)]
+
+
 def plan(readonly_paths: tuple[str, ...], target_module: str, tmpfs_mib: int,
          uid: int, gid: int) -> tuple[dict, list[str]]:
     """The mount plan, and the directories to put first on the host's ``sys.path``."""
@@ -53,7 +74,7 @@ def plan(readonly_paths: tuple[str, ...], target_module: str, tmpfs_mib: int,
     for path in SYSTEM_PATHS:
         if os.path.lexists(path):
             binds.append(path)
-    binds.append(os.path.realpath(sys.base_prefix))
+    binds.extend(_python_paths())
     # pyseccomp and prctl are single modules in site-packages: bind the files, not the directory
     # (which holds every other dependency of the Reflector, none of which the host needs).
     for name in ("pyseccomp", "prctl", "_prctl"):
@@ -79,9 +100,12 @@ def plan(readonly_paths: tuple[str, ...], target_module: str, tmpfs_mib: int,
             if link is not None and link not in symlinks:
                 symlinks[link] = os.readlink(link)
         real_binds.append(real)
+    kept = _outermost(real_binds)
     return {
-        "binds": _outermost(real_binds),
-        "symlinks": sorted(symlinks.items()),
+        "binds": kept,
+        # A link inside a bind is already there, as the bind shows it.
+        "symlinks": [(link, target) for link, target in sorted(symlinks.items())
+                     if not any(_inside(link, b) for b in kept)],
         "devices": [d for d in DEVICES if os.path.exists(d)],
         "tmpfs": f"size={tmpfs_mib}m,mode=0700,uid={uid},gid={gid}",
         "fs_ids": None,   # set by spawn for a user namespace: (uid, gid)
@@ -101,9 +125,13 @@ def _outermost(paths: list[str]) -> list[str]:
     """Drop paths already visible through another bind; keep order stable, parents first."""
     kept: list[str] = []
     for path in sorted(set(paths), key=lambda p: (p.count("/"), p)):
-        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+        if not any(_inside(path, k) for k in kept):
             kept.append(path)
     return kept
+
+
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 # --- child side ------------------------------------------------------------------------------

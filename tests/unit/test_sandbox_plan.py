@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sys
+import sysconfig
 
 import pytest
 
@@ -18,10 +20,34 @@ def _plan(readonly=(), target="hosts.main"):
     return mounts.plan(readonly, target, 16, 65534, 65534)
 
 
-def test_view_binds_the_python_install_and_the_packages_not_the_repository():
+def _visible(path: str, binds: list[str]) -> bool:
+    """Whether ``path`` is in the view: at or under one of its binds."""
+    return any(path == b or path.startswith(b.rstrip("/") + "/") for b in binds)
+
+
+def test_view_binds_the_standard_library_not_the_python_prefix():
+    binds = _plan()[0]["binds"]
+    # What the interpreter loads inside: pure modules, extension modules (lib-dynload), and
+    # libpython when the interpreter is linked to it.
+    for module in ("json", "_json", "_ctypes"):
+        origin = importlib.util.find_spec(module).origin
+        assert _visible(os.path.realpath(origin), binds), f"{module} ({origin}) is not in the view"
+    with open("/proc/self/maps") as f:
+        libpython = {word for word in f.read().split() if "/libpython" in word}
+    for path in libpython:
+        assert _visible(path, binds), f"{path} is not in the view"
+    # Not the prefix: for a system Python that would be all of /usr (bin, sbin, share...), and
+    # not a virtual environment's site-packages (every dependency of the Reflector).
+    prefix = os.path.realpath(sys.base_prefix)
+    assert prefix not in binds
+    for path in (os.path.join(prefix, "bin"), os.path.join(prefix, "share"), "/usr/bin", "/usr/sbin",
+                 os.path.realpath(sysconfig.get_path("purelib"))):
+        assert not _visible(path, binds), f"{path} is in the view"
+
+
+def test_view_binds_the_packages_not_the_repository():
     view, sys_path = _plan()
     binds = view["binds"]
-    assert os.path.realpath(sys.base_prefix) in binds
     assert os.path.join(REPO, "sandbox") in binds
     assert os.path.join(REPO, "hosts") in binds
     assert REPO not in binds
@@ -51,7 +77,23 @@ def test_symlinked_system_paths_become_symlinks():
     for path in ("/lib", "/lib64"):
         if os.path.islink(path):
             assert links[path] == os.readlink(path)
-            assert os.path.realpath(path) in view["binds"]
+            assert _visible(os.path.realpath(path), view["binds"])
+
+
+def test_a_symlink_inside_a_bind_is_left_to_the_bind(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    view, _ = _plan(readonly=(str(tmp_path), str(tmp_path / "link")))
+    assert str(tmp_path / "link") not in dict(view["symlinks"])
+    view, _ = _plan(readonly=(str(tmp_path / "link"),))
+    assert dict(view["symlinks"])[str(tmp_path / "link")] == "real"
+    assert str(tmp_path / "real") in view["binds"]
+
+
+def test_directories_made_right_under_tmp_are_the_ones_sealed():
+    view = {"binds": ["/tmp/a/b", "/tmp/c", "/tmp/d/e/f", "/tmp/a/g", "/usr/lib"],
+            "symlinks": [("/tmp/h", "x"), ("/tmp/i/j", "k")]}
+    assert mounts._made_under_tmp(view) == ["/tmp/a", "/tmp/d", "/tmp/i"]
 
 
 def test_tmpfs_belongs_to_the_host():
