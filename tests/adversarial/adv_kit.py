@@ -56,7 +56,7 @@ def start(tmp: Path, registry: str, **kw) -> DeviceManagerProcess:
 
 
 def hostile_dm_fixture(tmp_path_factory):
-    """HOS1: (group 1, the attacker, 80 MiB, 2 s timeout), OKY1: (group 2, the bystander),
+    """HOS1: (group 1, the attacker, MemoryLimit 50 MiB, 2 s timeout), OKY1: (group 2, the bystander),
     TWA1: and TWB1: (group 3, one host; only TWB1:'s policy grants /dev/null)."""
     tmp = tmp_path_factory.mktemp("adv")
     registry = (hostile("Hostile", "HOS", 1) + hostile("Steady", "OKY", 2, order=2)

@@ -74,6 +74,7 @@ def test_tmp_fill_stops_at_the_tmpfs_size_or_rlimit_fsize(hostile_dm):
     still_serves(hostile_dm)
 
 
+@pytest.mark.needs_cgroup     # MemoryLimit as the cgroup counts it; RLIMIT_AS alone lets more through
 def test_memory_bomb_is_contained_in_its_host(hostile_dm):
     # MemoryLimit 50 MiB: RLIMIT_AS turns it into MemoryError in the driver, or the cgroup's OOM
     # killer ends the host.  Either way only HOS1:'s host pays.
