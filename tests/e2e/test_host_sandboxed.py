@@ -26,7 +26,7 @@ from hosts.exits import HostExit
 from hosts.wire import MAX_FRAME, KernelOp, Op, decode, encode
 from sandbox.spec import SandboxSpec, spawn
 
-pytestmark = [pytest.mark.needs_root, pytest.mark.needs_seccomp_notify]
+pytestmark = [pytest.mark.needs_seccomp_notify, pytest.mark.usefixtures("require_namespaces")]
 
 TEST_DRIVERS = Path(__file__).resolve().parent.parent / "drivers"
 SAMPLES = Path(reflector.drivers.__file__).resolve().parent
