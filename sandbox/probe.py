@@ -57,6 +57,18 @@ def _thread():
     t.join()
 
 
+def _open_fds() -> list[list]:
+    """[fd, what it is] for every fd this process holds, as its own /proc/self/fd says: from
+    outside, an unprivileged parent may not read the host's (it is not dumpable)."""
+    held = []
+    for name in sorted(os.listdir("/proc/self/fd"), key=int):
+        try:
+            held.append([int(name), os.readlink(f"/proc/self/fd/{name}")])
+        except FileNotFoundError:
+            pass        # the directory listdir read through, closed again by now
+    return held
+
+
 def _memory_bomb():
     hoard = []
     while True:
@@ -76,6 +88,7 @@ CHECKS = {
     "proc_pids": lambda: sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
     "root_listing": lambda: sorted(os.listdir("/")),
     "getuid": lambda: [os.getuid(), os.getgid(), os.getgroups()],
+    "open_fds": _open_fds,
     "memory_bomb": lambda: _errno_of(_memory_bomb),
 }
 
