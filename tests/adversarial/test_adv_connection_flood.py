@@ -21,33 +21,57 @@ from reflector import clientwire as cw
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
 FD_LIMIT = 256
+# Fds this process keeps for itself while it holds a flood: pytest's, the Device Manager's log,
+# the test's own client connections and probes.
+RESERVE = 64
 
 
 class Flood:
-    """Connections held open until the Device Manager stops accepting them."""
+    """Connections held open until the Device Manager stops accepting them.
+
+    This process must be able to hold more connections than the Device Manager can accept: its
+    soft RLIMIT_NOFILE (1024 for a login user) is raised to the hard limit while the flood is
+    held, and the flood stops short of that, so the test never fails on its own EMFILE.  Every
+    socket is closed and the limit restored however the flood ends."""
 
     def __init__(self, path):
         self.path = str(path)
         self.socks: list[socket.socket] = []
+        self._saved_limit: tuple[int, int] | None = None
 
     def __enter__(self):
+        _, hard = self._saved_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            room = hard - len(os.listdir("/proc/self/fd")) - RESERVE
+            if room <= FD_LIMIT:
+                pytest.skip(f"this process may hold only {room} more fds (hard RLIMIT_NOFILE {hard}), "
+                            f"not more than the Device Manager's {FD_LIMIT}: its flood could not exhaust it")
+            self._fill(min(4 * FD_LIMIT, room))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _fill(self, most: int) -> None:
         refused = 0
-        while refused < 40 and len(self.socks) < 4 * FD_LIMIT:
+        while refused < 40 and len(self.socks) < most:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.socks.append(s)
             s.settimeout(1)
             try:
                 s.connect(self.path)
             except OSError:
-                s.close()
+                self.socks.pop().close()
                 refused += 1
                 time.sleep(0.05)     # not a threshold: lets the accept loop drain the backlog
-                continue
-            self.socks.append(s)
-        return self
 
     def __exit__(self, *exc):
-        for s in self.socks:
-            s.close()
+        while self.socks:
+            self.socks.pop().close()
+        if self._saved_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self._saved_limit)
+            self._saved_limit = None
 
 
 def probe(path) -> int | str:
