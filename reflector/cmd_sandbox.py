@@ -28,9 +28,13 @@ def _check(args) -> int:
     from sandbox.errors import ConfinementError
     from sandbox.spec import SandboxSpec
 
-    spec = SandboxSpec(name="drvbox sandbox check", memory_limit_mib=256, userns=True if args.userns else None)
+    # Without a cgroup the probe still runs, with the cgroup optional, so that every other
+    # mechanism is reported; the cgroup is then reported MISSING with why, and we exit 1.
+    missing = check.cgroup_unavailable()
+    spec = SandboxSpec(name="drvbox sandbox check", memory_limit_mib=256, userns=True if args.userns else None,
+                       optional=frozenset({"cgroup"}) if missing else frozenset())
     try:
-        findings, raw = check.run(spec)
+        findings, raw = check.run(spec, cgroup_missing=missing)
     except ConfinementError as exc:
         if args.json:
             print(json.dumps({"ok": False, "error": {"step": exc.step, "call": exc.call, "errno": exc.errno,

@@ -8,10 +8,13 @@ Each mechanism is judged from evidence, never from what was asked: a field of
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
 from dataclasses import dataclass, field
 
+from sandbox import limits
+from sandbox.errors import CGROUP_REMEDY, ConfinementError, errno_name
 from sandbox.notify import SyscallReport, SyscallSupervisor
 from sandbox.spec import SandboxSpec
 
@@ -28,9 +31,28 @@ class Finding:
     evidence: dict = field(default_factory=dict)
 
 
-def run(spec: SandboxSpec | None = None) -> tuple[list[Finding], dict]:
+def cgroup_unavailable() -> str | None:
+    """Why this process cannot give a host a cgroup with memory and pids limits; None if it can.
+
+    Asked the only honest way: by making one (as spawn would, limits written) and removing it.
+    A Device Manager started by a non-root user on a cgroup v1 or hybrid machine, or on v2
+    without delegation, gets the reason here before any host fails on it."""
+    from sandbox import cgroups
+    try:
+        group = cgroups.create("drvbox cgroup probe", 16, 4, frozenset())
+    except ConfinementError as exc:
+        why = exc.call
+        if exc.errno is not None and exc.errno != errno.ENOTSUP:
+            why += f": {errno_name(exc.errno)} ({os.strerror(exc.errno)})"
+        return why
+    group.remove()
+    return None
+
+
+def run(spec: SandboxSpec | None = None, *, cgroup_missing: str | None = None) -> tuple[list[Finding], dict]:
     """Spawn the probe, judge it; the findings and the raw read-back.  Raises ConfinementError
-    if the sandbox cannot even be started."""
+    if the sandbox cannot even be started.  ``cgroup_missing``: why the cgroup is missing when
+    the caller knows (``cgroup_unavailable()``), quoted in the cgroup finding."""
     from sandbox.spawning import spawn
     spec = spec or SandboxSpec(name="drvbox sandbox check", memory_limit_mib=256)
     reports: list[SyscallReport] = []
@@ -61,7 +83,7 @@ def run(spec: SandboxSpec | None = None) -> tuple[list[Finding], dict]:
         supervisor.stop()
     import json
     results = json.loads(probe) if probe else {}
-    return judge(box.confinement, results, reports, spec, status), {
+    return judge(box.confinement, results, reports, spec, status, cgroup_missing=cgroup_missing), {
         "confinement": box.confinement, "probe": results,
         "reports": [r.__dict__ for r in reports], "exit": status.__dict__}
 
@@ -75,7 +97,8 @@ def _read_all(sock: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
-def judge(conf: dict, probe: dict, reports: list[SyscallReport], spec: SandboxSpec, status) -> list[Finding]:
+def judge(conf: dict, probe: dict, reports: list[SyscallReport], spec: SandboxSpec, status, *,
+          cgroup_missing: str | None = None) -> list[Finding]:
     st = conf.get("status", {})
     found: list[Finding] = []
 
@@ -145,18 +168,30 @@ def judge(conf: dict, probe: dict, reports: list[SyscallReport], spec: SandboxSp
     rl = conf.get("rlimits", {})
     expected = {"RLIMIT_NOFILE": spec.max_open_files, "RLIMIT_FSIZE": spec.max_file_size_mib << 20,
                 "RLIMIT_CORE": 0}
-    if spec.address_space_mib is not None:
-        expected["RLIMIT_AS"] = spec.address_space_mib << 20
+    address_space = limits.address_space_mib(spec)
+    if address_space is not None:
+        expected["RLIMIT_AS"] = address_space << 20
     wrong = {k: rl.get(k) for k, v in expected.items() if rl.get(k) != [v, v]}
     found.append(Finding("rlimits", not wrong,
                          " ".join(f"{k[7:]}={rl.get(k, ['?'])[0]}" for k in sorted(rl)) + (f"; WRONG {wrong}" if wrong else ""),
                          {"rlimits": rl}))
 
     cg = conf.get("cgroup", {})
-    ok = not cg.get("missing") and "pids.max" in cg and (spec.memory_limit_mib is None or any(
+    if cg.get("missing"):
+        # Missing is never ok, even when the spec accepted it: the memory and pids limits are
+        # then only as good as their rlimit stand-ins, and the report must say so and how to fix it.
+        stand_in = (f"memory limit {spec.memory_limit_mib} MiB enforced only as RLIMIT_AS "
+                    f"{address_space} MiB" if spec.memory_limit_mib is not None and address_space is not None
+                    else "no memory limit")
+        threads = (f"threads bounded by RLIMIT_NPROC {spec.max_threads}" if conf.get("userns")
+                   else "threads NOT bounded (no user namespace, so no per-host RLIMIT_NPROC)")
+        found.append(Finding("cgroup", False,
+                             f"missing: {cgroup_missing or 'the host got no cgroup'}; {stand_in}; {threads}; "
+                             f"to fix: {CGROUP_REMEDY}", {"cgroup": cg, "why": cgroup_missing}))
+        return found
+    ok = "pids.max" in cg and (spec.memory_limit_mib is None or any(
         k in cg for k in ("memory.max", "memory.limit_in_bytes")))
     found.append(Finding("cgroup", ok,
-                         "missing" if cg.get("missing") else
                          f"v{cg.get('version')} " + " ".join(f"{k}={v}" for k, v in cg.items()
                                                              if k.startswith(("memory.", "pids.")))
                          + f"; inside {cg.get('inside')}", {"cgroup": cg}))

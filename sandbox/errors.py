@@ -43,6 +43,16 @@ def errno_name(number: int | None) -> str:
     return _errno.errorcode.get(number, f"errno {number}")
 
 
+# Non-root users rarely get a cgroup: on cgroup v1 or hybrid machines the hierarchies are root's,
+# and on v2 only a delegated subtree is theirs.  What to do about it, named once for every place
+# that reports it (a failed host start, `drvbox sandbox check`, `drvbox bench`).
+CGROUP_REMEDY = ("run as root, or inside a delegated cgroup v2 subtree with the memory and pids "
+                 "controllers (e.g. systemd-run --user --scope -p Delegate=yes ...); or run without "
+                 "one: `drvbox run --allow-missing cgroup` (`make run ARGS='--allow-missing cgroup'`), "
+                 "which bounds a host's MemoryLimit by RLIMIT_AS instead and its threads by "
+                 "RLIMIT_NPROC (in a user namespace: always when not root); in code, "
+                 "SandboxSpec(optional={'cgroup'})")
+
 # What usually fixes a failed step; quoted in the message.
 _HINTS = {
     "namespaces": "user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone, "
@@ -55,8 +65,7 @@ _HINTS = {
               "bound automatically, anything else it imports must be in the stdlib or readonly_paths",
     "seccomp": "seccomp user notification needs Linux >= 5.0 and libseccomp >= 2.5; "
                "or accept 'seccomp_notify' in spec.optional",
-    "cgroup": "run as root, or in a delegated cgroup (systemd Delegate=yes) whose subtree_control "
-              "has memory and pids; or accept 'cgroup' in spec.optional",
+    "cgroup": CGROUP_REMEDY,
 }
 
 

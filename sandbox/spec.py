@@ -22,7 +22,8 @@ DEFAULT_GID = 65534
 # RLIMIT_AS by default.  CPython itself needs ~30 MiB of address space, but every thread reserves
 # its stack (8 MiB) and glibc reserves up to 64 MiB per malloc arena (the launcher caps arenas at
 # 2 with MALLOC_ARENA_MAX); 1 GiB lets a host run its 32 threads and still stops a runaway
-# allocation long before it hurts the machine.  The cgroup memory limit is the precise bound.
+# allocation long before it hurts the machine.  The cgroup memory limit is the precise bound;
+# without a cgroup, a memory limit lowers RLIMIT_AS instead (sandbox/limits.py).
 DEFAULT_ADDRESS_SPACE_MIB = 1024
 
 ON_VIOLATION = ("deny", "kill")
@@ -40,7 +41,11 @@ class SandboxSpec:
     max_open_files: int = 64
     max_threads: int = 32
     max_file_size_mib: int = 16
-    memory_limit_mib: int | None = None
+    memory_limit_mib: int | None = None   # the cgroup's; also RLIMIT_AS's when the cgroup is optional
+    # What the parent maps into the host (its arena, DMA buffers, register windows): in its
+    # address space but not its own allocation, so RLIMIT_AS standing in for a missing cgroup
+    # leaves room for it (sandbox/limits.py address_space_mib).
+    mapped_mib: int = 0
     extra_syscalls: tuple[str, ...] = ()
     on_violation: str = "deny"
     optional: frozenset[str] = field(default_factory=frozenset)
@@ -66,6 +71,8 @@ class SandboxSpec:
             value = getattr(self, attr)
             if value is not None and value <= 0:
                 problems.append(f"{attr}={value!r} (must be positive, or None)")
+        if not isinstance(self.mapped_mib, int) or self.mapped_mib < 0:
+            problems.append(f"mapped_mib={self.mapped_mib!r} (must be a whole number of MiB, 0 or more)")
         if self.ioctl_ranges is not None:
             for r in self.ioctl_ranges:
                 if (not isinstance(r, tuple) or len(r) != 2 or not all(isinstance(x, int) for x in r)
