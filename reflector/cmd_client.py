@@ -74,7 +74,7 @@ def ls(args) -> int:
         print()
         print(f"{'HOST':<8}{'PID':<9}{'STATE':<13}{'UPTIME':<10}{'PSS':<10}DEVICES")
         for h in info["hosts"]:
-            pss = f"{h['pss'] // 1024}K"
+            pss = "-" if h.get("pss") is None else f"{h['pss'] // 1024}K"    # unreadable, or no host
             print(f"{h['group']:<8}{h['pid']!s:<9}{h['state']:<13}{h['uptime']:<10.0f}{pss:<10}{' '.join(h['devices'])}")
     return 0
 

@@ -87,6 +87,7 @@ class HostGroup:
         self._cond = threading.Condition()
         self._stopping = False
         self._timer: threading.Timer | None = None
+        self._said_memory_fallback = False
 
     # -- numbers from the ProcGroup key ------------------------------------------------------
 
@@ -108,10 +109,11 @@ class HostGroup:
         # Drivers share the host: the strictest wish about violations holds for all of them.
         violation = "kill" if any(d.policy.syscall_violation == "kill" for d in self.devices) else "deny"
         opts = dict(self.sandbox_options)
-        return SandboxSpec(
+        spec = SandboxSpec(
             name=f"host group {self.gid}" + (" (solo)" if self.solo else ""),
             readonly_paths=tuple(paths),
             memory_limit_mib=self.settings.memory_limit_mib,
+            mapped_mib=self._mapped_mib(),
             max_threads=self.settings.max_threads or 32,
             max_open_files=self.settings.max_open_files or 64,
             extra_syscalls=tuple(syscalls),
@@ -119,6 +121,39 @@ class HostGroup:
             ioctl_ranges=tuple(sorted(set(map(tuple, listed)))) if listed else None,
             **opts,
         )
+        if not self._said_memory_fallback:
+            self._said_memory_fallback = True
+            self._say_memory_fallback(spec)
+        return spec
+
+    def _mapped_mib(self) -> int:
+        """What the Reflector maps into the host, in MiB rounded up: the arena (its slots, each
+        rounded up to pages, see start()), and for each driver its DMA quota and its register
+        windows.  RLIMIT_AS standing in for a missing cgroup leaves room for it
+        (sandbox/limits.py address_space_mib)."""
+        page = 4096
+        total = SLOTS_PER_HOST * (2 * self._max_io() + 4096 + page)
+        for d in self.devices:
+            total += d.policy.dma_quota + sum(w.length + page for w in d.policy.memory_windows)
+        return -(-total // (1 << 20))
+
+    def _say_memory_fallback(self, spec) -> None:
+        """Once per group: when its MemoryLimit has no cgroup to enforce it here, say (log and
+        audit) that RLIMIT_AS stands in for it -- address space, a looser bound than memory used."""
+        from sandbox import limits
+        from sandbox.check import cgroup_unavailable
+        if spec.memory_limit_mib is None or "cgroup" not in spec.optional:
+            return
+        why = cgroup_unavailable()
+        if why is None:
+            return                  # the cgroup enforces it; RLIMIT_AS is only a backstop
+        rlimit_as = limits.address_space_mib(spec)
+        log.warning("group %d: MemoryLimit %d MiB is not enforced by a cgroup here (%s); its host gets "
+                    "RLIMIT_AS %s MiB instead (address space, not memory used)", self.gid,
+                    spec.memory_limit_mib, why, rlimit_as)
+        self._record("host.limits", group=self.gid,
+                     detail={"memory_limit_mib": spec.memory_limit_mib, "enforced_by": "RLIMIT_AS",
+                             "rlimit_as_mib": rlimit_as, "cgroup": "missing", "why": why})
 
     def start(self) -> None:
         """Start a host and load every driver of the group into it.  Blocks until done."""
@@ -435,11 +470,15 @@ class HostGroup:
         channel.join(5)
 
     def describe(self) -> dict:
+        """The host as `drvbox ls` shows it.  ``pss`` is None when there is no host or its memory
+        cannot be read (never a false 0); ``cgroup_memory`` what its memory cgroup is charged, when it
+        has one (a group with a MemoryLimit, where a cgroup can be had)."""
         channel = self.channel
         pid = channel.sandboxed.pid if channel else None
         return {"group": self.gid, "pid": pid, "state": self.state,
                 "uptime": round(time.monotonic() - self.started_at, 3) if channel else 0,
-                "pss": _pss(channel.sandboxed.inner_pid) if channel else 0,
+                "pss": _pss(channel.sandboxed.inner_pid) if channel else None,
+                "cgroup_memory": _cgroup_memory(channel.sandboxed.confinement) if channel else None,
                 "devices": [d.name for d in self.devices], "solo": self.solo, "restarts": self.restarts}
 
 
@@ -480,14 +519,33 @@ def _confinement_summary(c: dict | None) -> dict | None:
     }
 
 
-def _pss(pid: int | None) -> int:
+def _pss(pid: int | None) -> int | None:
+    """The host's proportional set size in bytes; None when it cannot be read.  A non-root Device
+    Manager cannot: the host is non-dumpable and its memory belongs to the initial user namespace,
+    so /proc/PID/smaps_rollup is closed to its parent (EACCES)."""
     if not pid:
-        return 0
+        return None
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
                 if line.startswith(b"Pss:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def _cgroup_memory(confinement: dict | None) -> int | None:
+    """Bytes charged to the host's cgroup (memory.current on v2, memory.usage_in_bytes on v1):
+    readable by its Device Manager even where the host's /proc files are not.  None without one."""
+    cgroup = (confinement or {}).get("cgroup") or {}
+    if cgroup.get("missing"):
+        return None
+    for d in cgroup.get("paths") or ():
+        for name in ("memory.current", "memory.usage_in_bytes"):
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    return int(f.read())
+            except (OSError, ValueError):
+                continue
+    return None
