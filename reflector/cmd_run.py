@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -40,6 +41,15 @@ def _defines(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _cgroup_missing(dm, config) -> str | None:
+    """Why no host of ``dm`` could get a cgroup here, when one is needed (user-mode drivers, and
+    the cgroup not accepted as missing with --allow-missing cgroup); else None."""
+    if not dm.groups or "cgroup" in config.sandbox_optional:
+        return None
+    from sandbox.check import cgroup_unavailable
+    return cgroup_unavailable()
+
+
 def run(args) -> int:
     from reflector.devmgr import DeviceManager, RunConfig
     logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
@@ -53,6 +63,13 @@ def run(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     dm = DeviceManager(config)
     dm.load()
+    missing = _cgroup_missing(dm, config)
+    if missing is not None:
+        # Said once, before any host starts: otherwise every host fails its start on it, again
+        # and again, until its drivers are quarantined.
+        dm.stop()
+        from sandbox.errors import ConfinementError
+        raise ConfinementError("cgroup", missing, errno.ENOTSUP, name="hosts")
     from reflector.server import Server
     server = Server(dm, args.socket)
     try:
