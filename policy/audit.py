@@ -122,6 +122,7 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
     "host.restarted": "a host was started again after a crash or timeout",
     "driver.quarantined": "a driver crashed more than RestartLimit times in RestartWindow and is not restarted",
     "host.reclaimed": "what a dead host held went back (detail: interrupts, regions, DMA buffers and bytes, devices)",
+    "host.limits": "a limit is enforced by a weaker stand-in here (detail: MemoryLimit by RLIMIT_AS, no cgroup, and why)",
     CHECKPOINT_EVENT: "written by the log: an Ed25519 signature over the seq and hash of the record before it",
     RECOVERED_EVENT: "written by the log: the line before this one was torn by a crash, or lost only its "
                      "newline (detail: its length and SHA-256)",

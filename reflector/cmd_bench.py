@@ -15,7 +15,7 @@ def register(sub) -> None:
                     "kernel mode), host start and restart.  Reports ratios; medians throughout; a table, or "
                     "with --json one object (keys floor_1hop_us, floor_2hop_us, ioctl_kernel_us, "
                     "ioctl_user_us, ioctl_user_p99_us, memcpy_1mib_bps, read_1mib_bps, read_1mib_copy_bps, "
-                    "read_1mib_kernel_bps, python_start_ms, host_start_ms, host_restart_ms, ratio_*).  "
+                    "read_1mib_kernel_bps, python_start_ms, host_start_ms, host_restart_ms, ratio_*, cgroup_missing).  "
                     "With --hw, also register access on the simulated hardware (mapped versus mediated) "
                     "and interrupt delivery latency from the model to the driver.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
