@@ -62,7 +62,7 @@ def hostile_dm_fixture(tmp_path_factory):
     registry = (hostile("Hostile", "HOS", 1) + hostile("Steady", "OKY", 2, order=2)
                 + hostile("TwinA", "TWA", 3, order=3)
                 + hostile("TwinB", "TWB", 3, order=4, extra='"DeviceNodes"=multi_sz:"/dev/null:r"')
-                + reg_group(1, timeout_ms=2000, restart_limit=1000, extra='"MemoryLimit"=dword:50')
+                + reg_group(1, timeout_ms=2000, restart_limit=1000, extra='"MemoryLimit"=dword:32')  # hex: 50 MiB
                 + reg_group(2) + reg_group(3, restart_limit=1000))
     dm = start(tmp, registry)
     yield dm
