@@ -130,7 +130,8 @@ def test_driver_files_are_read_only_even_when_world_writable(hostile_dm, hos):
     err, _ = attack(hos, "write_own_file")
     assert err in (errno.EACCES, errno.EROFS), errno.errorcode.get(err, err)
     # A new file next to it: the view holds the module, not a writable copy of the directory
-    # (the directory inside is the view's own, root-owned 0755), so EACCES or EROFS.
+    # (the directory inside is the view's own: root-owned 0755 without a user namespace, and
+    # bound read-only over itself in any case, see sandbox/mounts.py), so EACCES or EROFS.
     err, _ = attack(hos, "write_own_dir")
     assert err in (errno.EACCES, errno.EROFS), errno.errorcode.get(err, err)
     assert not (drivers / "planted.py").exists()
