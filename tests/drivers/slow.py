@@ -1,5 +1,8 @@
 """Harmless but slow: read blocks until IOCTL_RELEASE (on any handle) lets it go.
 
+A blocked read has written b"wait" into its buffer first (so a test that shares the arena sees
+that the read is inside the driver), and writes b"slow" over it once released.
+
 The safety timeout only keeps a broken test from hanging forever; tests never rely on it.
 """
 
@@ -18,6 +21,7 @@ class Driver(StreamDriver):
         self.waiting = threading.Event()
 
     def read(self, opened, out):
+        out[:4] = b"wait"
         self.waiting.set()
         if not self.release.wait(60):
             raise DriverError(errno.ETIMEDOUT)

@@ -645,17 +645,19 @@ def test_a_lane_needs_exactly_one_fd_and_there_are_at_most_max_lanes(host):
 
 def test_a_driver_at_its_quota_waits_and_the_others_are_served(host):
     """Quota 1, its one request held in the driver: a second request for it waits in its
-    backlog (answered after the first), while another driver's requests go on."""
+    backlog, while another driver's requests go on, and no thread is started for it."""
     assert host.load(1, "slow.py", name="SLW1:", threads=1) == (0, 0)
     assert host.load(2, "echo.py", name="ECH1:") == (0, 0)
     _, slow = host.call(Op.OPEN, 1, 0, 0)
     _, fast = host.call(Op.OPEN, 2, 0, 0)
     held = host.send(Op.READ, 1, slow, 8192, 16)
-    queued = host.send(Op.IOCTL, 1, slow, 0x80003000, 0, 0, 100, 0)    # release: behind the read
+    eventually(lambda: host.arena[8192:8196] == b"wait")       # inside the driver now
+    queued = host.send(Op.READ, 1, slow, 12288, 16)
     for i in range(3):
         assert host.ioctl(2, fast, 0x80002000, b"ok%d" % i) == (0, b"ok%d" % i)
+    # The second read never entered the driver (it would have written b"wait"): SLW1:'s one
+    # thread is held, so here nothing can release it -- a driver that waits on its own next
+    # request needs a quota above one.  The fixture kills the host.
+    assert host.arena[12288:12292] != b"wait"
     assert held not in host.replies and queued not in host.replies
-    # Nothing more of SLW1: runs while its one thread is held (so here the release never
-    # comes: a driver that waits on its own next request needs a quota above one), and no
-    # thread was started for the queued request.
     assert len(os.listdir(f"/proc/{host.proc.pid}/task")) == 2 + 1 + 4
