@@ -7,7 +7,10 @@ import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ls", help="list devices and hosts", description="List devices and their hosts.")
+    p = sub.add_parser("ls", help="list devices and hosts",
+                       description="List devices and their hosts.  For each host: its pid, state, uptime "
+                                   "(s), PSS (memory, '-' when it cannot be read) and LANES busy/opened (the "
+                                   "request channels it serves; '!' after a lane it refused, out of fds).")
     p.add_argument("--json", action="store_true", help="one JSON object: {\"devices\": [...], \"hosts\": [...]}")
     p.set_defaults(func=ls)
 
@@ -72,10 +75,13 @@ def ls(args) -> int:
         print(f"{d['name']:<8}{d['mode']:<8}{_dash(d['group']):<8}{d['state']:<13}{d['restarts']:<10}{d['driver']}")
     if info["hosts"]:
         print()
-        print(f"{'HOST':<8}{'PID':<9}{'STATE':<13}{'UPTIME':<10}{'PSS':<10}DEVICES")
+        print(f"{'HOST':<8}{'PID':<9}{'STATE':<13}{'UPTIME':<10}{'PSS':<10}{'LANES':<8}DEVICES")
         for h in info["hosts"]:
             pss = "-" if h.get("pss") is None else f"{h['pss'] // 1024}K"    # unreadable, or no host
-            print(f"{h['group']:<8}{h['pid']!s:<9}{h['state']:<13}{h['uptime']:<10.0f}{pss:<10}{' '.join(h['devices'])}")
+            lanes = h.get("lanes")          # busy/made: requests on lanes now, of lanes opened
+            lanes = "-" if not lanes else f"{lanes['busy']}/{lanes['made']}" + ("!" if lanes["refused"] else "")
+            print(f"{h['group']:<8}{h['pid']!s:<9}{h['state']:<13}{h['uptime']:<10.0f}{pss:<10}{lanes:<8}"
+                  f"{' '.join(h['devices'])}")
     return 0
 
 

@@ -260,6 +260,12 @@ class HostChannel:
 
     # -- lanes ----------------------------------------------------------------------------
 
+    def lanes(self) -> dict:
+        """How many lanes this host has, busy now, and whether it refused one lately."""
+        with self._lock:
+            return {"made": self._lanes_made, "busy": len(self._busy_lanes),
+                    "refused": bool(self._no_lanes_until and _monotonic() < self._no_lanes_until)}
+
     def _take_lane(self, timeout: float | None) -> _Lane | None:
         """An idle lane, a new one, or None (all busy and no more allowed: use the channel)."""
         with self._lock:

@@ -479,6 +479,7 @@ class HostGroup:
                 "uptime": round(time.monotonic() - self.started_at, 3) if channel else 0,
                 "pss": _pss(channel.sandboxed.inner_pid) if channel else None,
                 "cgroup_memory": _cgroup_memory(channel.sandboxed.confinement) if channel else None,
+                "lanes": channel.lanes() if channel else None,
                 "devices": [d.name for d in self.devices], "solo": self.solo, "restarts": self.restarts}
 
 

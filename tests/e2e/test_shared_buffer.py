@@ -41,6 +41,8 @@ def test_write_from_and_read_into_a_shared_buffer(dm):
         assert buf.view[:1000] == data[:1000] and buf.view[1000:2000] == bytes(1000)
         assert h.readinto(buf[1000:]) == SIZE - 1000
         assert buf.tobytes() == data
+        for host in c.devices()["hosts"]:       # user mode: requests went over a lane, now idle
+            assert host["lanes"]["made"] >= 1 and host["lanes"]["busy"] == 0, host
 
 
 def test_one_shared_buffer_per_connection_and_only_its_own(dm):
