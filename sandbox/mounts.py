@@ -32,6 +32,14 @@ RESERVED = ("/proc", "/dev", "/oldroot", "/newroot")
 
 _BASE = "/tmp"   # the scratch mount point, only in our own mount namespace
 HOST_TMP = "/tmp"   # the host's own writable tmpfs, in its view
+UNBINDABLE = f"a bind may not be /, {HOST_TMP} (the host's own tmpfs), or under " + ", ".join(RESERVED)
+
+
+def bindable(path: str) -> bool:
+    """Whether ``path`` may be bound into the view: not what the view itself is made of (a bind
+    of /tmp would hide the host's private tmpfs behind the real, shared one)."""
+    path = os.path.normpath(path)
+    return path not in ("/", HOST_TMP) and not any(path == r or path.startswith(r + "/") for r in RESERVED)
 
 
 def _module_paths(name: str) -> list[str]:
@@ -144,8 +152,10 @@ def apply(view: dict) -> None:
                               MS_REC)
 
     for path in view["binds"]:
-        if any(path == r or path.startswith(r + "/") for r in RESERVED) or path == "/":
-            raise OSError(22, "a bind may not be / or under " + ", ".join(RESERVED), f"bind {path!r}")
+        # / and the host's own /tmp would each cover what the view is made of (a bind of /tmp
+        # would hide the host's private tmpfs behind the real, shared one).
+        if not bindable(path):
+            raise OSError(22, "Invalid argument", f"bind {path!r} ({UNBINDABLE})")
 
     # Open every source now, while path lookup still runs as whoever started us: in a user
     # namespace created by root, the directories on the way (pyenv under /root, mode 0700) are

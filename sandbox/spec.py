@@ -78,9 +78,12 @@ class SandboxSpec:
                 if (not isinstance(r, tuple) or len(r) != 2 or not all(isinstance(x, int) for x in r)
                         or not 0 <= r[0] <= r[1] <= 0xFFFFFFFF):
                     problems.append(f"ioctl_ranges entry {r!r} (must be (lo, hi) within 32 bits, lo <= hi)")
+        from sandbox.mounts import UNBINDABLE, bindable
         for path in self.readonly_paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 problems.append(f"readonly_paths entry {path!r} (must be an absolute path)")
+            elif not bindable(path):
+                problems.append(f"readonly_paths entry {path!r} ({UNBINDABLE})")
         if problems:
             raise ConfinementError("spec", "SandboxSpec(" + ", ".join(problems) + ")", name=self.name,
                                    hint="fix the process group's settings in the registry or policy")

@@ -328,6 +328,23 @@ def test_failed_step_is_reported_by_name():
     assert "'mounts' failed" in str(exc) and "ENOENT" in str(exc) and "readonly_paths" in str(exc)
 
 
+@pytest.mark.parametrize("path", ["/", "/tmp", "/tmp/", "/proc/self", "/dev/shm"])
+def test_a_bind_over_what_the_view_is_made_of_is_refused_before_spawning(path):
+    with pytest.raises(ConfinementError) as info:
+        _spec(readonly_paths=(path,))
+    assert info.value.step == "spec" and "a bind may not be /, /tmp" in str(info.value)
+
+
+def test_a_path_that_resolves_into_proc_is_refused_by_the_view(tmp_path):
+    # The spec sees an ordinary path; only the view, binding what it resolves to, can tell.
+    link = tmp_path / "looks-harmless"
+    link.symlink_to("/proc/self")
+    with pytest.raises(ConfinementError) as info:
+        spawn(_spec(readonly_paths=(str(link),)), "sandbox.probe:idle", {}, [])
+    assert info.value.step == "mounts" and info.value.errno == errno.EINVAL
+    assert "a bind may not be" in str(info.value)
+
+
 def test_failed_import_is_reported_by_name():
     with pytest.raises(ConfinementError) as info:
         spawn(_spec(), "sandbox.no_such_module:run", {}, [])
