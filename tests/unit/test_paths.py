@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,12 +52,14 @@ def test_a_directory_owned_by_another_user_is_refused(tmp_path):
 
 
 def test_the_fallback_is_per_user_under_tmp(monkeypatch):
-    if os.geteuid() == 0:
-        pytest.skip("root's socket is /run/drvbox.sock; the fallback is for other users")
     monkeypatch.delenv("DRVBOX_SOCKET", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    assert paths.default_socket() == paths.fallback_runtime_dir() / "drvbox.sock"
-    assert str(paths.fallback_runtime_dir()) == f"/tmp/drvbox-{os.geteuid()}"
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 0)
+    assert paths.default_socket() == Path("/run/drvbox.sock")      # root's, whatever the environment
+    monkeypatch.setattr(paths.os, "geteuid", lambda: 1001)          # any other user: the fallback
+    assert paths.default_socket() == Path("/tmp/drvbox-1001/drvbox.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1001")
+    assert paths.default_socket() == Path("/run/user/1001/drvbox.sock")
 
 
 def test_a_client_refuses_a_socket_in_a_directory_anyone_may_write(tmp_path):
