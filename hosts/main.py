@@ -41,7 +41,7 @@ from hosts.api import ERROR
 from hosts.channel import Channel
 from hosts.dispatch import LoadedDriver, LoadError, describe
 from hosts.exits import HostExit
-from hosts.wire import MAX_FRAME, Frame, Op, ProtocolError, decode, encode
+from hosts.wire import LANE_OPS, MAX_FRAME, Frame, Op, ProtocolError, decode, encode
 
 # KREPLY carries at most one fd today; room for a few more so that a miscounting sender is seen
 # (MSG_CTRUNC) rather than silently cut.
@@ -54,8 +54,6 @@ _TRUNC = int(socket.MSG_TRUNC)
 _HOST_SENT_OPS = frozenset({Op.READY, Op.REPLY, Op.KCALL, Op.LOG})
 # Looking a member up on its Enum class costs more than comparing it: once, here.
 _LOAD, _UNLOAD, _SHUTDOWN, _KREPLY, _REPLY, _LANE = Op.LOAD, Op.UNLOAD, Op.SHUTDOWN, Op.KREPLY, Op.REPLY, Op.LANE
-# What may come on a lane: the drivers' own calls, nothing that loads, unloads or ends.
-_LANE_OPS = frozenset({Op.OPEN, Op.CLOSE, Op.READ, Op.WRITE, Op.SEEK, Op.IOCTL, Op.PRE_CLOSE, Op.POWER})
 # The Reflector opens a few lanes per host (see reflector.hostchannel.MAX_LANES); this bounds
 # what the fd table can lose to them whatever it sends.
 MAX_LANES = 16
@@ -164,7 +162,7 @@ class Host:
             frame = decode(data)
         except ProtocolError as exc:
             return self._violation(HostExit.BAD_FRAME, f"on a lane: {exc.reason}")
-        if frame.op not in _LANE_OPS:
+        if frame.op not in LANE_OPS:
             return self._violation(HostExit.BAD_FRAME, f"{frame.op.name} came on a lane; it belongs on the channel")
         return frame, lane
 

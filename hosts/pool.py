@@ -58,8 +58,7 @@ class Crew:
         self._mutex = threading.Lock()
         self._ready: deque = deque()          # (quota, job) submitted, its quota slot taken
         self._retire = 0                      # threads to end once idle (quotas stopped)
-        self.ended = False
-        self._ended = threading.Event()
+        self._ended = threading.Event()       # set under the mutex, with exit_status
         self.exit_status: int | None = None
         self.control = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         poller.register(self.control, _ONESHOT_IN)
@@ -116,21 +115,26 @@ class Crew:
     def run(self, quota: Quota, job: Callable[[], None]) -> None:
         """Run ``job`` on this thread now if ``quota`` allows, else queue it in its backlog."""
         with self._mutex:
-            if quota.running >= quota.size:
-                quota.backlog.append(job)
-                return
-            quota.running += 1
-        self._drain(quota, job)
+            claimed = self._claim(quota, job)
+        if claimed:
+            self._drain(quota, job)
 
     def submit(self, quota: Quota, job: Callable[[], None]) -> None:
         """Run ``job`` on another thread (one woken for it), or queue it behind ``quota``'s."""
         with self._mutex:
-            if quota.running >= quota.size:
-                quota.backlog.append(job)
-                return
-            quota.running += 1
-            self._ready.append((quota, job))
-            self._signal()
+            if self._claim(quota, job):
+                self._ready.append((quota, job))
+                self._signal()
+
+    @staticmethod
+    def _claim(quota: Quota, job: Callable[[], None]) -> bool:
+        """With the mutex held: take one of ``quota``'s slots for ``job`` (True), or put ``job``
+        in its backlog, for whoever finishes one of its jobs (False)."""
+        if quota.running >= quota.size:
+            quota.backlog.append(job)
+            return False
+        quota.running += 1
+        return True
 
     def _drain(self, quota: Quota, job: Callable[[], None]) -> None:
         """Run ``job`` (its quota slot taken), then the quota's backlog; give the slot back."""
@@ -168,14 +172,13 @@ class Crew:
     # -- the end -------------------------------------------------------------------------------
 
     def end(self, status: int) -> None:
-        """The channel ended with ``status``: every idle thread returns (the main thread too,
-        whence ``serve`` returns); threads inside driver code are left to the process's exit."""
+        """The channel ended with ``status``: every idle crew thread returns and ``serve`` returns
+        on the main thread; threads inside driver code are left to the process's exit."""
         with self._mutex:
-            if not self.ended:
-                self.ended = True
+            if not self._ended.is_set():
                 self.exit_status = status
+                self._ended.set()
             self._signal()
-        self._ended.set()
 
     # -- the control eventfd ---------------------------------------------------------------------
 
@@ -188,7 +191,8 @@ class Crew:
         ``(quota, job)``, or None.  Re-arms the fd; clears it only when nothing is left, so
         that every piece wakes a thread of its own."""
         with self._mutex:
-            if self.ended:
+            ended = self._ended.is_set()
+            if ended:
                 task = _EXIT
             elif self._retire:
                 self._retire -= 1
@@ -197,7 +201,7 @@ class Crew:
                 task = self._ready.popleft()
             else:
                 task = None
-            if not (self.ended or self._retire or self._ready):
+            if not (ended or self._retire or self._ready):
                 try:
                     os.eventfd_read(self.control)
                 except BlockingIOError:

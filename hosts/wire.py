@@ -86,6 +86,9 @@ class KernelOp(enum.IntEnum):
     LOG = 13             # a0 level; tail: message
 
 
+# What may travel on a lane (Op.LANE): the drivers' own calls, nothing that loads, unloads or ends.
+LANE_OPS = frozenset({Op.OPEN, Op.CLOSE, Op.READ, Op.WRITE, Op.SEEK, Op.IOCTL, Op.PRE_CLOSE, Op.POWER})
+
 # One struct per operation: header then body, packed and unpacked in one call.
 _BODIES: dict[Op, str] = {
     Op.LOAD: "",

@@ -45,7 +45,6 @@ READY_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 2.0            # how long a host that closed its channel has to finish exiting
 MAX_LANES = 8                 # per host: each costs an fd here and one in the host (64 at most there)
 LANE_RETRY_S = 1.0            # after a host refused a lane (no fd left), ask again no sooner than this
-_LANE_OPS = frozenset({Op.OPEN, Op.CLOSE, Op.READ, Op.WRITE, Op.SEEK, Op.IOCTL, Op.PRE_CLOSE, Op.POWER})
 _monotonic = time.monotonic
 _REPLY, _KCALL, _LOG = Op.REPLY, Op.KCALL, Op.LOG
 
@@ -225,7 +224,7 @@ class HostChannel:
         Raises ``TimeoutError`` when the host does not answer in ``timeout`` seconds (the caller
         audits and kills), ``HostGone`` when the host dies first.
         """
-        if op in _LANE_OPS:
+        if op in wire.LANE_OPS:
             lane = self._take_lane(timeout)
             if lane is not None:
                 return self._lane_call(lane, op, driver_id, fields, max_value, timeout)
@@ -263,8 +262,11 @@ class HostChannel:
     def lanes(self) -> dict:
         """How many lanes this host has, busy now, and whether it refused one lately."""
         with self._lock:
-            return {"made": self._lanes_made, "busy": len(self._busy_lanes),
-                    "refused": bool(self._no_lanes_until and _monotonic() < self._no_lanes_until)}
+            return {"made": self._lanes_made, "busy": len(self._busy_lanes), "refused": self._refusing_lanes()}
+
+    def _refusing_lanes(self) -> bool:
+        """With the lock held: the host refused a lane less than LANE_RETRY_S ago."""
+        return _monotonic() < self._no_lanes_until
 
     def _take_lane(self, timeout: float | None) -> _Lane | None:
         """An idle lane, a new one, or None (all busy and no more allowed: use the channel)."""
@@ -275,7 +277,7 @@ class HostChannel:
                 lane = self._idle_lanes.pop()
                 self._busy_lanes.add(lane)
                 return lane
-            if self._lanes_made >= MAX_LANES or (self._no_lanes_until and _monotonic() < self._no_lanes_until):
+            if self._lanes_made >= MAX_LANES or self._refusing_lanes():
                 return None
             self._lanes_made += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
