@@ -40,6 +40,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from reflector.paths import audit_log_path
+
 ECHO, CRASH = 0x00220000, 0x00220004
 
 _ECHO_PEER = textwrap.dedent("""
@@ -270,7 +272,7 @@ def measure(n: int = 2000, progress=lambda msg: None, rounds: int = ROUNDS, rest
         log = open(tmp / "dm.log", "wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_serving(tmp / "dm.sock", proc, log=tmp / "dm.log", audit=tmp / "state" / "audit.log")
+            wait_serving(tmp / "dm.sock", proc, log=tmp / "dm.log", audit=audit_log_path(tmp / "state"))
             with connect(tmp / "dm.sock") as dm, dm.open("KEC1:") as kec, dm.open("UEC1:") as uec:
                 payload = b"x" * 64
                 buffer = bytearray(1 << 20)      # an application doing bulk reads reuses its buffer
@@ -308,7 +310,7 @@ def measure(n: int = 2000, progress=lambda msg: None, rounds: int = ROUNDS, rest
                     time.sleep(1.1)          # let the restart window (1 s) pass: no back-off in the way
                     times.append(_crash_and_recover(dm))
                 result["host_restart_ms"] = statistics.median(times) * 1e3
-            result["host_start_ms"] = _host_start_ms(tmp / "state" / "audit.log")
+            result["host_start_ms"] = _host_start_ms(audit_log_path(tmp / "state"))
         finally:
             proc.terminate()
             try:

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from reflector.bench import allow_missing_here, wait_serving
+from reflector.paths import audit_log_path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_IOCTL = 0x00220000
@@ -183,7 +184,7 @@ def measure(reads: int, batches: int, irqs: int) -> dict:
         with open(tmp / "dm.log", "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             try:
-                wait_serving(tmp / "dm.sock", proc, log=tmp / "dm.log", audit=tmp / "state" / "audit.log")
+                wait_serving(tmp / "dm.sock", proc, log=tmp / "dm.log", audit=audit_log_path(tmp / "state"))
                 raw = {}
                 with connect(tmp / "dm.sock") as dm:
                     for name in ("MAP1:", "MED1:", "KRN1:"):

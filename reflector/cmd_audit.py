@@ -83,7 +83,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _log_path(args) -> Path:
-    return args.log if args.log is not None else Path(args.state_dir) / "audit.log"
+    from reflector.paths import audit_log_path
+    return args.log if args.log is not None else audit_log_path(args.state_dir)
 
 
 def _missing(args, path: Path) -> int:

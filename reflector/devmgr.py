@@ -31,7 +31,7 @@ from policy.drivers import find_drivers, group_settings
 from policy.modules import ModuleNotFound, resolve_module
 from policy.pinning import pin_module
 from policy.regfile import parse_files
-from reflector import devkeys
+from reflector import devkeys, paths
 from reflector.devices import REJECTED, Device, KernelDevice, UserDevice
 from reflector.hostgroup import HostGroup
 from reflector.kernel_ops import KernelOps, attach_resources
@@ -97,7 +97,7 @@ class DeviceManager:
             log.warning("%s", d)
         self.hive = parsed.hive
         audit_key = devkeys.ensure_key(cfg.state_dir, "audit")
-        self.audit = AuditLog(cfg.state_dir / "audit.log", signing_key=audit_key)
+        self.audit = AuditLog(paths.audit_log_path(cfg.state_dir), signing_key=audit_key)
         if builtin:
             policies, trust = devkeys.builtin_policies(cfg.state_dir, self.hive, search_path)
         else:

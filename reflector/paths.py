@@ -31,6 +31,11 @@ def default_socket() -> Path:
     return (Path(runtime) if runtime else fallback_runtime_dir()) / "drvbox.sock"
 
 
+def audit_log_path(state_dir: Path) -> Path:
+    """The audit log of the Device Manager whose state is in ``state_dir``."""
+    return Path(state_dir) / "audit.log"
+
+
 class UnsafeSocketDir(PermissionError):
     """The socket's directory could let someone else put their own socket in its place."""
 
