@@ -35,12 +35,17 @@ class Slot:
 class Arena:
     """A sealed memfd of ``slots`` slots of ``slot_size`` bytes each (rounded up to pages)."""
 
+    @staticmethod
+    def footprint(slot_size: int, slots: int) -> int:
+        """The bytes an arena of ``slots`` slots of ``slot_size`` maps (what ``size`` will be)."""
+        return _round_up(slot_size) * slots
+
     def __init__(self, name: str, slot_size: int, slots: int):
         if slots < 1 or slot_size < 1:
             raise ValueError(f"arena {name!r}: need at least one slot of at least one byte")
         self.slot_size = _round_up(slot_size)
         self.slots = slots
-        self.size = self.slot_size * slots
+        self.size = self.footprint(slot_size, slots)
         self.fd = os.memfd_create(f"drvbox-arena-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.size)

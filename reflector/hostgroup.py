@@ -98,6 +98,11 @@ class HostGroup:
     def _max_io(self) -> int:
         return max((d.policy.max_io_size for d in self.devices), default=4096)
 
+    def _arena_slot_size(self) -> int:
+        """One request's room in the arena: input and output of the largest MaxIoSize, plus the
+        alignment between them."""
+        return 2 * self._max_io() + 4096
+
     # -- starting a host ----------------------------------------------------------------------
 
     def _spec(self):
@@ -127,12 +132,11 @@ class HostGroup:
         return spec
 
     def _mapped_mib(self) -> int:
-        """What the Reflector maps into the host, in MiB rounded up: the arena (its slots, each
-        rounded up to pages, see start()), and for each driver its DMA quota and its register
-        windows.  RLIMIT_AS standing in for a missing cgroup leaves room for it
-        (sandbox/limits.py address_space_mib)."""
+        """What the Reflector maps into the host, in MiB rounded up: the arena (as start() makes
+        it), and for each driver its DMA quota and its register windows.  RLIMIT_AS standing in
+        for a missing cgroup leaves room for it (sandbox/limits.py address_space_mib)."""
         page = 4096
-        total = SLOTS_PER_HOST * (2 * self._max_io() + 4096 + page)
+        total = Arena.footprint(self._arena_slot_size(), SLOTS_PER_HOST)
         for d in self.devices:
             total += d.policy.dma_quota + sum(w.length + page for w in d.policy.memory_windows)
         return -(-total // (1 << 20))
@@ -160,7 +164,7 @@ class HostGroup:
         from sandbox import spawn
         with self._cond:
             self.state = STARTING
-        arena = Arena(f"group{self.gid}", 2 * self._max_io() + 4096, SLOTS_PER_HOST)
+        arena = Arena(f"group{self.gid}", self._arena_slot_size(), SLOTS_PER_HOST)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         t0 = time.monotonic()
         try:
