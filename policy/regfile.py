@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from policy.hive import Hive, Location, Value, split_path
+from policy.regcond import IDENT, Branch, CeTest, Condition, Unevaluable, ce_label, parse_ce_test
 from policy.regprint import format_hive
 
 __all__ = ["RegistryError", "Diagnostic", "ParseResult", "parse_files", "parse_text", "format_hive"]
@@ -256,173 +257,6 @@ def _code_part(line: str) -> tuple[int, int, bool]:
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessor conditions
-
-
-@dataclass
-class _Cond:
-    kind: str                 # "#" or "IF"
-    label: str                # as written, for messages
-    lineno: int
-    parent_active: bool
-    taken: bool               # some branch so far was true
-    active: bool
-    else_seen: bool = False
-
-
-class _Unevaluable(Exception):
-    pass
-
-
-_COND_TOKEN = re.compile(r"\s*(?:(\|\||&&|==|!=|<=|>=|[!()<>])|\"([^\"]*)\"|([A-Za-z0-9_.]+))")
-_NUMBER = re.compile(r"(?:0[xX]([0-9a-fA-F]+)|([0-9]+))[uUlL]*\Z")
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _number(word: str) -> int | None:
-    m = _NUMBER.match(word)
-    if not m:
-        return None
-    return int(m.group(1), 16) if m.group(1) else int(m.group(2), 10)
-
-
-_CE_TEST = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)(?:[ \t]*(==|!=|=)[ \t]*([^\s!=]+))?(?:[ \t]*(!))?[ \t]*\Z")
-
-# A CE test: (name, value or None, negate).  'X != V' is stored as the negation of 'X = V'.
-_CeTest = tuple[str, "str | None", bool]
-
-
-def _parse_ce_test(text: str) -> _CeTest | None:
-    """makeimg's ``IF NAME [=VALUE] [!]`` test, or None when ``text`` is not one.  Samsung's and
-    other vendors' BSPs also write ``IF X == V`` and ``IF X != V``; they mean what they say."""
-    m = _CE_TEST.match(text)
-    if not m:
-        return None
-    negate = (m.group(2) == "!=") != (m.group(4) is not None)
-    return m.group(1), m.group(3), negate
-
-
-def _ce_label(test: _CeTest) -> str:
-    name, value, negate = test
-    if value is None:
-        return f"IF {name}" + (" !" if negate else "")
-    return f"IF {name}{'!=' if negate else '='}{value}"
-
-
-class _CondEval:
-    """Recursive descent over a ``#if`` expression (after ``$(VAR)`` expansion)."""
-
-    def __init__(self, text: str, defines: Mapping[str, str]) -> None:
-        self.defines = defines
-        self.tokens: list[tuple[str, str]] = []
-        i = 0
-        text = text.rstrip()
-        while i < len(text):
-            m = _COND_TOKEN.match(text, i)
-            if not m or m.end() == i:
-                raise _Unevaluable(f"unexpected {text[i:].strip()[:20]!r}")
-            if m.group(1):
-                self.tokens.append(("op", m.group(1)))
-            elif m.group(2) is not None:
-                self.tokens.append(("str", m.group(2)))
-            else:
-                self.tokens.append(("word", m.group(3)))
-            i = m.end()
-        self.i = 0
-
-    def run(self) -> bool:
-        if not self.tokens:
-            raise _Unevaluable("empty condition")
-        v = self.or_()
-        if self.i != len(self.tokens):
-            raise _Unevaluable(f"unexpected {self.tokens[self.i][1]!r}")
-        return self.truth(v)
-
-    def peek(self) -> str | None:
-        return self.tokens[self.i][1] if self.i < len(self.tokens) and self.tokens[self.i][0] == "op" else None
-
-    def take(self) -> tuple[str, str]:
-        if self.i >= len(self.tokens):
-            raise _Unevaluable("condition ends too early")
-        self.i += 1
-        return self.tokens[self.i - 1]
-
-    @staticmethod
-    def truth(v: int | str) -> bool:
-        if isinstance(v, int):
-            return v != 0
-        raise _Unevaluable(f"{v!r} is not a number")
-
-    def or_(self) -> int | str:
-        v = self.and_()
-        while self.peek() == "||":
-            self.i += 1
-            r = self.and_()
-            v = int(self.truth(v) or self.truth(r))
-        return v
-
-    def and_(self) -> int | str:
-        v = self.cmp()
-        while self.peek() == "&&":
-            self.i += 1
-            r = self.cmp()
-            v = int(self.truth(v) and self.truth(r))
-        return v
-
-    def cmp(self) -> int | str:
-        v = self.unary()
-        while self.peek() in ("==", "!=", "<", ">", "<=", ">="):
-            op = self.take()[1]
-            r = self.unary()
-            if op in ("==", "!="):
-                same = v == r if type(v) is type(r) else False
-                v = int(same if op == "==" else not same)
-            else:
-                if not (isinstance(v, int) and isinstance(r, int)):
-                    raise _Unevaluable(f"cannot order {v!r} and {r!r}")
-                v = int({"<": v < r, ">": v > r, "<=": v <= r, ">=": v >= r}[op])
-        return v
-
-    def unary(self) -> int | str:
-        if self.peek() == "!":
-            self.i += 1
-            return int(not self.truth(self.unary()))
-        return self.primary()
-
-    def primary(self) -> int | str:
-        kind, tok = self.take()
-        if kind == "op" and tok == "(":
-            v = self.or_()
-            if self.take() != ("op", ")"):
-                raise _Unevaluable("expected ')'")
-            return v
-        if kind == "str":
-            return tok
-        if kind == "word" and tok == "defined":
-            paren = self.peek() == "("
-            if paren:
-                self.i += 1
-            kind, name = self.take()
-            if kind != "word" or not _IDENT.match(name):
-                raise _Unevaluable(f"expected a name after 'defined', found {name!r}")
-            if paren and self.take() != ("op", ")"):
-                raise _Unevaluable("expected ')' after 'defined(NAME'")
-            return int(name in self.defines)
-        if kind == "word":
-            n = _number(tok)
-            if n is not None:
-                return n
-            if _IDENT.match(tok):
-                if tok not in self.defines:
-                    return 0                    # as in C: an undefined name is 0
-                value = self.defines[tok].strip()
-                n = _number(value)
-                return n if n is not None else value
-            return tok
-        raise _Unevaluable(f"unexpected {tok!r}")
-
-
-# --------------------------------------------------------------------------------------------
 # The parser
 
 
@@ -534,7 +368,7 @@ class _Parser:
     def active_lines(self, src: _Source) -> Iterator[int]:
         """Line numbers of ``src`` that the preprocessor keeps; included files are parsed as
         they are met, so that defines and the current key flow through them as in text."""
-        stack: list[_Cond] = []
+        stack: list[Branch] = []
         for n, line in enumerate(src.lines, 1):
             active = not stack or stack[-1].active
             start = len(line) - len(line.lstrip(" \t"))
@@ -559,7 +393,7 @@ class _Parser:
             self.problem(src, (cond.lineno, 1), f"'{cond.label}' is never closed",
                          f"add {closer} where the conditional block ends")
 
-    def ce_condition(self, src: _Source, n: int, start: int, m: re.Match, stack: list[_Cond],
+    def ce_condition(self, src: _Source, n: int, start: int, m: re.Match, stack: list[Branch],
                      active: bool) -> None:
         line = src.lines[n - 1]
         word = m.group(1).upper()
@@ -568,10 +402,10 @@ class _Parser:
         args = line[rest_start:stop].split()
         where = (n, start + 1)
         if word == "IF":
-            test = _parse_ce_test(line[rest_start:stop])
+            test = parse_ce_test(line[rest_start:stop])
             if test is None:
                 # Still open a (false) block, so that its ENDIF is not reported a second time.
-                stack.append(_Cond("IF", line[start:stop].strip(), n, active, True, False))
+                stack.append(Branch("IF", line[start:stop].strip(), n, active, True, False))
                 if not active:
                     return
                 either = "||" in line[rest_start:stop] or "&&" in line[rest_start:stop]
@@ -581,7 +415,7 @@ class _Parser:
                                "#if (e.g. #if !defined(A) || !defined(B))" if either else
                                "CE's IF takes one environment variable, optionally '=VALUE', optionally then '!'")
             truth = self.ce_truth(test) if active else False
-            stack.append(_Cond("IF", _ce_label(test), n, active, truth, active and truth))
+            stack.append(Branch("IF", ce_label(test), n, active, truth, active and truth))
             return
         if not stack or stack[-1].kind != "IF":
             opened = f"; the innermost open block is '{stack[-1].label}' (line {stack[-1].lineno})" if stack else ""
@@ -600,8 +434,8 @@ class _Parser:
             # makeimg ignores what follows ENDIF; we compare the variable it names with the IF it
             # closes, because another name is the usual sign of a misplaced ENDIF.  BSPs often
             # repeat only the name ('IF X=V' ... 'ENDIF X', 'IF X !' ... 'ENDIF X'): that is fine.
-            test = _parse_ce_test(line[rest_start:stop])
-            closes = _parse_ce_test(cond.label[2:])
+            test = parse_ce_test(line[rest_start:stop])
+            closes = parse_ce_test(cond.label[2:])
             if test is not None and closes is not None:
                 same = test[0].casefold() == closes[0].casefold()
             else:                                    # a malformed IF repeated as written
@@ -612,7 +446,7 @@ class _Parser:
                              f"'ENDIF {' '.join(args)}' closes '{cond.label}' (line {cond.lineno})",
                              "the name after ENDIF should repeat the IF it closes")
 
-    def ce_truth(self, test: _CeTest) -> bool:
+    def ce_truth(self, test: CeTest) -> bool:
         """``IF X`` is true when X is set and not empty (``set X=`` in a CE build window unsets X);
         ``IF X=V`` (or ``==``) when X's value is V.  Names and values compare case-insensitively, as
         makeimg reads them from the Windows environment.  ``!`` (and ``!=``) negates."""
@@ -624,7 +458,7 @@ class _Parser:
         truth = value != "" if expected is None else value.casefold() == expected.casefold()
         return truth != negate
 
-    def directive(self, src: _Source, n: int, start: int, stack: list[_Cond], active: bool) -> str | None:
+    def directive(self, src: _Source, n: int, start: int, stack: list[Branch], active: bool) -> str | None:
         line = src.lines[n - 1]
         m = _DIRECTIVE.match(line, start)
         where = (n, start + 1)
@@ -641,7 +475,7 @@ class _Parser:
         if word in ("if", "ifdef", "ifndef"):
             label = f"#{word} {rest}".strip()
             truth = self.evaluate(src, n, word, rest, rest_text) if active else False
-            stack.append(_Cond("#", label, n, active, truth, active and truth))
+            stack.append(Branch("#", label, n, active, truth, active and truth))
             return None
         if word in ("elif", "else", "endif"):
             if not stack or stack[-1].kind != "#":
@@ -679,7 +513,7 @@ class _Parser:
             self.defines[dm.group(1)] = rest[dm.end():].strip(" \t")
             return None
         if word == "undef":
-            if not _IDENT.match(rest):
+            if not IDENT.match(rest):
                 raise _Problem(where, f"expected '#undef NAME', found {line[start:rest_stop].strip()!r}")
             self.defines.pop(rest, None)
             return None
@@ -699,7 +533,7 @@ class _Parser:
         """Truth of one condition; one that cannot be evaluated is reported and taken as false."""
         where = rest_text.at(len(rest_text.s) - len(rest_text.s.lstrip()))
         if word in ("ifdef", "ifndef"):
-            if not _IDENT.match(rest):
+            if not IDENT.match(rest):
                 self.problem(src, where, f"expected '#{word} NAME', found {rest!r}; treated as false")
                 return False
             return (rest in self.defines) == (word == "ifdef")
@@ -709,8 +543,8 @@ class _Parser:
             self.problem(src, p.pos, f"{p.message} in condition '#{word} {rest}'; treated as false", p.hint)
             return False
         try:
-            return _CondEval(text, self.defines).run()
-        except _Unevaluable as e:
+            return Condition(text, self.defines).run()
+        except Unevaluable as e:
             self.problem(src, where, f"cannot evaluate '#{word} {rest}': {e}; treated as false",
                          "supported: defined X, !, &&, ||, ==, !=, <, >, (), numbers and $(VAR)")
             return False
