@@ -68,6 +68,14 @@ class DeviceManager:
             self.sock.close()
             raise PermissionError(errno.EACCES, f"not allowed to connect to {path} (mode 0660: join its "
                                   f"group or ask its owner)", str(path)) from None
+        except ConnectionRefusedError:
+            self.sock.close()
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"no Device Manager answers at {path}: it is "
+                                         f"starting, or it died and left its socket; start one with `drvbox run`",
+                                         str(path)) from None
+        except BaseException:
+            self.sock.close()
+            raise
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._shm: mmap.mmap | None = None

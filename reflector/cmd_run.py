@@ -62,17 +62,22 @@ def run(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     dm = DeviceManager(config)
-    dm.load()
-    missing = _cgroup_missing(dm, config)
-    if missing is not None:
-        # Said once, before any host starts: otherwise every host fails its start on it, again
-        # and again, until its drivers are quarantined.
-        dm.stop()
-        from sandbox.errors import ConfinementError
-        raise ConfinementError("cgroup", missing, errno.ENOTSUP, name="hosts")
-    from reflector.server import Server
+    from reflector.server import Server, SocketBusy
     server = Server(dm, args.socket)
     try:
+        # The socket first: a second Device Manager pointed at a live one's socket must stop
+        # before it loads a driver, starts a host or writes to an audit log.
+        server.claim()
+    except SocketBusy as exc:
+        raise SystemExit(f"drvbox run: {exc}") from None
+    try:
+        dm.load()
+        missing = _cgroup_missing(dm, config)
+        if missing is not None:
+            # Said once, before any host starts: otherwise every host fails its start on it, again
+            # and again, until its drivers are quarantined.
+            from sandbox.errors import ConfinementError
+            raise ConfinementError("cgroup", missing, errno.ENOTSUP, name="hosts")
         dm.start()
         server.start()
         described = dm.describe()

@@ -43,6 +43,11 @@ _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)     # a plain int: enum f
 _NO_FDS: list[int] = []        # never appended to: shared by every message that carries none
 
 
+class SocketBusy(Exception):
+    """The socket's path cannot be taken: another Device Manager has it, or something that is not
+    a dead Device Manager's socket is there.  The message names the path and the way out."""
+
+
 @dataclass(frozen=True)
 class Caller:
     pid: int
@@ -76,27 +81,79 @@ class Server:
         self._refusal_stamp = float("-inf")
         self._lock = threading.Lock()
         self._stopping = False
+        self._lock_fd: int | None = None
+        self._bound_ino: int | None = None
+
+    def claim(self) -> None:
+        """Take the socket's path for this Device Manager, before anything else starts.
+
+        A lock file next to the socket (``<socket>.lock``, ``flock``) makes the check and the
+        bind one step for two Device Managers starting at once; it goes with the process, so a
+        Device Manager that was killed leaves nothing that stops the next one.  Under the lock, a
+        socket nobody answers on is a dead Device Manager's and is removed; anything else at the
+        path -- a live socket, a file, a symlink -- is refused and left as it is.  Bound here,
+        listening only in :meth:`start`: a client that comes early is refused, never queued."""
+        paths.check_socket_dir(self.path, create=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SocketBusy(f"{lock_path}: cannot open the socket's lock file ({exc.strerror}); remove it "
+                             f"if it is not a regular file, or choose another path with --socket") from None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise SocketBusy(f"{self.path}: another Device Manager is starting or serving on this socket "
+                             f"(it holds {lock_path.name}); stop it, or choose another path with --socket") from None
+        try:
+            self._remove_stale()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            old = os.umask(0o117)                # mode 0660 from birth, not chmod'ed after
+            try:
+                sock.bind(str(self.path))
+            except OSError as exc:
+                sock.close()
+                raise SocketBusy(f"{self.path}: cannot bind the socket ({exc.strerror or exc}); choose "
+                                 f"another path with --socket") from None
+            finally:
+                os.umask(old)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        self._lock_fd = lock_fd
+        self._bound_ino = os.lstat(self.path).st_ino
+        self.sock = sock
+
+    def _remove_stale(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "not a socket"
+            raise SocketBusy(f"{self.path} exists and is {kind}; drvbox removes only a dead Device Manager's "
+                             f"socket there.  Move it away, or choose another path with --socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(str(self.path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(self.path)                 # stale: nobody listens (a Device Manager that died)
+            return
+        except OSError as exc:
+            raise SocketBusy(f"{self.path}: cannot tell whether a Device Manager serves this socket "
+                             f"(connect: {exc.strerror}); remove it if none does, or choose another path "
+                             f"with --socket") from None
+        finally:
+            probe.close()
+        raise SocketBusy(f"{self.path}: another Device Manager is serving this socket; stop it, or "
+                         f"choose another path with --socket")
 
     def start(self) -> None:
-        paths.check_socket_dir(self.path, create=True)
-        if self.path.exists() or self.path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(str(self.path))
-            except OSError:
-                self.path.unlink()           # stale socket of a Device Manager that died
-            else:
-                probe.close()
-                raise RuntimeError(f"{self.path}: another Device Manager is serving this socket; "
-                                   f"stop it, or choose another path with --socket")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o117)                # mode 0660 from birth, not chmod'ed after
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        self.sock = sock
+        """Listen and accept on the socket :meth:`claim` bound (claimed here if it was not)."""
+        if self.sock is None:
+            self.claim()
+        self.sock.listen(64)
         t = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
         t.start()
 
@@ -170,10 +227,18 @@ class Server:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        # Only the socket this server bound: never a path it failed to claim (another Device
+        # Manager's live socket), nor one that was replaced since.
+        if self._bound_ino is not None:
+            try:
+                if os.lstat(self.path).st_ino == self._bound_ino:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self._bound_ino = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)              # the lock file stays: removing it would race a successor
+            self._lock_fd = None
 
     def _serve(self, conn: socket.socket, caller: "Caller") -> None:
         session = _Session(self.dm, conn, caller)

@@ -1,0 +1,135 @@
+"""Faults around a real Device Manager: a second one on the same socket, something that is not a
+socket at its path, the Device Manager killed under load and started again, its state and audit
+log where they should not be or cannot be written.  Each ends in a clear message (the file, the
+value, the fix), never a traceback, and never in a Device Manager that goes on without its socket
+or without its audit log."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from dm_harness import ECHO, ROOT, DeviceManagerProcess, reg_driver, reg_group
+from reflector import clientwire as cw
+
+ALLOW = '"IoctlAllow"=multi_sz:"0x00220000-0x002200FF"\n"MaxIoSize"=dword:10000'
+KERNEL_LOOP = reg_driver("Loop", "LPB", user=False, group=None, extra=ALLOW)
+
+
+def run_to_exit(dm: DeviceManagerProcess, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`drvbox run` of ``dm``'s configuration in the foreground, expected to stop on its own."""
+    return subprocess.run(dm.command(), capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def assert_no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+@pytest.fixture
+def first(tmp_path):
+    dm = DeviceManagerProcess(tmp_path / "first", KERNEL_LOOP) if (tmp_path / "first").mkdir() is None else None
+    dm.start()
+    yield dm
+    dm.stop()
+
+
+def serves(dm: DeviceManagerProcess) -> None:
+    with dm.client() as c, c.open("LPB1:") as h:
+        assert h.ioctl(ECHO, b"alive", 5) == b"alive"
+
+
+# -- the socket ---------------------------------------------------------------------------------
+
+def test_a_second_device_manager_on_a_live_socket_refuses_and_leaves_it(first, tmp_path):
+    (tmp_path / "second").mkdir()
+    second = DeviceManagerProcess(tmp_path / "second", KERNEL_LOOP)
+    second.socket = first.socket
+    done = run_to_exit(second)
+    assert done.returncode != 0
+    assert_no_traceback(done.stderr)
+    assert f"{first.socket}: another Device Manager" in done.stderr and "--socket" in done.stderr, done.stderr
+    # It stopped before doing anything: no audit records of its own, and the first one's socket
+    # is still there and still the first one's.
+    assert not (second.state / "audit.log").exists()
+    assert first.socket.is_socket()
+    serves(first)
+
+
+def test_two_device_managers_starting_at_once_get_one_socket(tmp_path):
+    """The check and the bind are one step: of two started together, exactly one serves."""
+    dms = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        dm = DeviceManagerProcess(tmp_path / name, KERNEL_LOOP)
+        dm.socket = tmp_path / "shared.sock"
+        dms.append(dm)
+    procs = [subprocess.Popen(dm.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+             for dm in dms]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        loser = next((p for p in procs if p.poll() is not None), None)
+        assert loser is not None, "neither Device Manager gave way"
+        assert loser.returncode != 0
+        out = loser.stdout.read()
+        assert_no_traceback(out)
+        assert "another Device Manager" in out, out
+        winner = next(p for p in procs if p is not loser)
+        deadline = time.monotonic() + 60
+        while True:                          # the winner may still be loading: wait for it to listen
+            assert winner.poll() is None, winner.stdout.read()
+            try:
+                serves(dms[procs.index(winner)])
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the winner never served"
+                time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(20)
+            p.stdout.close()
+
+
+@pytest.mark.parametrize("kind", ["regular-file", "symlink", "directory"])
+def test_something_that_is_not_a_socket_at_the_path_is_refused_not_removed(tmp_path, kind):
+    dm = DeviceManagerProcess(tmp_path, KERNEL_LOOP)
+    dm.socket = tmp_path / "not-a-socket"
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    if kind == "regular-file":
+        dm.socket.write_text("keep me")
+    elif kind == "symlink":
+        dm.socket.symlink_to(victim)
+    else:
+        dm.socket.mkdir()
+    done = run_to_exit(dm)
+    assert done.returncode != 0
+    assert_no_traceback(done.stderr)
+    assert f"{dm.socket} exists and is" in done.stderr and "--socket" in done.stderr, done.stderr
+    assert os.path.lexists(dm.socket) and not dm.socket.is_socket()
+    assert victim.read_text() == "keep me"
+    if kind == "regular-file":
+        assert dm.socket.read_text() == "keep me"
+
+
+def test_a_dead_device_managers_socket_is_reused(tmp_path):
+    dm = DeviceManagerProcess(tmp_path, KERNEL_LOOP).start()
+    dm.proc.kill()
+    dm.proc.wait()
+    assert dm.socket.is_socket()              # left behind by SIGKILL
+    dm._log.close()
+    dm.start()
+    try:
+        serves(dm)
+    finally:
+        assert dm.stop() == 0
+    assert not dm.socket.exists()
