@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "reflector.cmd_sandbox",
     "reflector.cmd_hw",
     "reflector.cmd_bench",
+    "reflector.cmd_fuzz",
 )
 
 

@@ -1,0 +1,242 @@
+"""``drvbox fuzz``, part 2: what a finding is made of.  The audit evidence about one host failure,
+buckets, and case files.
+
+A finding is bucketed by ``(kind, signal, status, op, code)``: a thousand crashes of one bug are one
+bucket with a count.  Each bucket has a case file: the operations since the handle was last
+(re)opened up to the one that failed, enough for ``drvbox fuzz DEV --replay CASE`` to do it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as signal_mod
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reflector.fuzz import Op, UsageError
+
+CASE_FORMAT = "drvbox.fuzz-case/1"
+
+# Kinds of finding, and what each means (docs/fuzzing.md has the same table).
+KINDS = {
+    "crash": "the host died during the request (EIO; host.crashed has the signal or exit status)",
+    "hang": "the driver did not answer within ProcTimeout (ETIMEDOUT; host.timeout), and its host was killed",
+    "buffer.violation": "the host replied with a length or offset outside its slot, and was killed (EIO)",
+    "protocol.violation": "the host sent a malformed frame, and was killed (EIO)",
+    "died-between": "the host died while no request of ours was in flight (ESTALE on the next one): "
+                    "the operation before it is the suspect",
+    "not-refused": "an IOCTL code outside the policy's allowlist was not refused with EACCES",
+    "dm-closed": "the Device Manager closed our connection",
+    "dm-gone": "the Device Manager went away (its socket refuses connections)",
+}
+
+# The audit events that say why a host went.
+HOST_EVENTS = ("host.crashed", "host.timeout", "buffer.violation", "protocol.violation")
+
+
+def signal_name(number: int | None) -> str | None:
+    if number is None:
+        return None
+    try:
+        return signal_mod.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+@dataclass
+class Evidence:
+    """What the audit log says about one host failure: the host.crashed record's signal and exit
+    status, and the violation that preceded it, if any.  ``note`` says why something is missing."""
+    signal: int | None = None
+    status: int | None = None
+    violation: str | None = None
+    records: list = field(default_factory=list)
+    note: str | None = None
+
+
+class AuditTail:
+    """Reads the audit log's records as they are appended, from where it stood when opened.
+
+    The fuzzer only wants records about its own failures, which come after it started; reading
+    from the end also keeps each look short however long the log is.  A record is handed out once
+    (``take``), so that two findings never claim the same crash.  The chain is not verified here:
+    `drvbox audit verify` does that; a line that is not JSON is skipped.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.problem: str | None = None
+        self._pending: list[dict] = []
+        self._partial = b""
+        try:
+            self._pos = os.stat(self.path).st_size
+        except OSError as exc:
+            self._pos = 0
+            self.problem = (f"cannot read the audit log {self.path} ({exc.strerror}): findings have no signal or "
+                            f"exit status; give the Device Manager's state directory with --state-dir")
+
+    def _poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._pos)
+                chunk = f.read()
+        except OSError as exc:
+            self.problem = self.problem or f"cannot read the audit log {self.path} ({exc.strerror})"
+            return
+        self.problem = None
+        self._pos += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") in HOST_EVENTS:
+                self._pending.append(rec)
+
+    def take(self, match, deadline: float) -> dict | None:
+        """The first unclaimed record for which ``match(rec)`` is true, waiting until ``deadline``
+        (``time.monotonic()``) for it to be written; None when none came."""
+        while True:
+            self._poll()
+            for i, rec in enumerate(self._pending):
+                if match(rec):
+                    return self._pending.pop(i)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def evidence(self, device: str, groups: set, hang: bool, wait_s: float) -> Evidence:
+        """The evidence of the failure of ``device``'s host (in one of ``groups``: a device that keeps
+        crashing a shared host may be moved into a host of its own)."""
+        ev = Evidence()
+        deadline = time.monotonic() + wait_s
+        ours = lambda rec: rec.get("group") in groups or rec.get("device") == device   # noqa: E731
+        if hang:
+            rec = self.take(lambda r: r["event"] == "host.timeout" and ours(r), deadline)
+            if rec is not None:
+                ev.records.append(rec)
+        crashed = self.take(lambda r: r["event"] == "host.crashed" and ours(r)
+                            and (r.get("detail") or {}).get("phase") != "start", deadline)
+        if crashed is None:
+            ev.note = self.problem or f"no host.crashed record for {device} within {wait_s:g} s"
+            return ev
+        detail = crashed.get("detail") or {}
+        ev.signal, ev.status = detail.get("signal"), detail.get("exit_code")
+        ev.violation = detail.get("killed_for") if detail.get("killed_for") in KINDS else None
+        violation = self.take(lambda r: r["event"] in ("buffer.violation", "protocol.violation") and ours(r),
+                              time.monotonic())
+        if violation is not None:
+            ev.violation = ev.violation or violation["event"]
+            ev.records.append(violation)
+        ev.records.append(crashed)
+        return ev
+
+
+# -- buckets and their case files ------------------------------------------------------------
+
+@dataclass
+class Bucket:
+    kind: str
+    signal: int | None
+    status: int | None
+    op: str
+    code: int | None
+    count: int = 0
+    first_index: int = 0
+    case: Path | None = None
+    trail_len: int = 0
+    note: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.signal, self.status, self.op, self.code)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "signal": self.signal, "signal_name": signal_name(self.signal),
+                "status": self.status, "op": self.op,
+                "code": None if self.code is None else f"{self.code:#010x}", "count": self.count,
+                "first_index": self.first_index, "case": None if self.case is None else str(self.case),
+                "note": self.note}
+
+
+class CaseBook:
+    """The buckets of one run, and their case files in ``out_dir`` (made when the first is
+    written).  A bucket's case keeps the shortest trail seen: the easiest one to read and replay."""
+
+    def __init__(self, out_dir: Path, device: str, seed: int, target_source: str):
+        self.out_dir = Path(out_dir)
+        self.device, self.seed, self.target_source = device, seed, target_source
+        self.buckets: dict[tuple, Bucket] = {}
+
+    def add(self, kind: str, ev: Evidence, op: Op | None, index: int, trail: list[Op]) -> Bucket:
+        op_kind = op.kind if op is not None else "-"
+        code = op.code if op is not None and op.kind == "ioctl" else None
+        bucket = Bucket(kind, ev.signal, ev.status, op_kind, code)
+        bucket = self.buckets.setdefault(bucket.key, bucket)
+        bucket.count += 1
+        if bucket.count == 1:
+            bucket.first_index, bucket.note = index, ev.note
+        if bucket.case is None or len(trail) < bucket.trail_len:
+            bucket.case = self._write(bucket, ev, index, trail)
+            bucket.trail_len = len(trail)
+        return bucket
+
+    def _write(self, bucket: Bucket, ev: Evidence, index: int, trail: list[Op]) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        n = list(self.buckets).index(bucket.key) + 1
+        code = f"-{bucket.code:08x}" if bucket.code is not None else ""
+        path = self.out_dir / f"case-{n:03d}-{bucket.kind}-{bucket.op}{code}.json"
+        case = {"format": CASE_FORMAT, "device": self.device, "seed": self.seed, "index": index,
+                "codes_from": self.target_source,
+                "expect": {"kind": bucket.kind, "signal": bucket.signal, "signal_name": signal_name(bucket.signal),
+                           "status": bucket.status},
+                "audit": ev.records, "ops": [op.to_json() for op in trail]}
+        tmp = path.with_suffix(".tmp")
+        # Written whole, then renamed: a case file is never seen half written, even after Ctrl-C.
+        with open(tmp, "w") as f:
+            json.dump(case, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+    def write_summary(self, summary: dict) -> Path | None:
+        if not self.buckets and not self.out_dir.exists():
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.out_dir / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+@dataclass
+class Case:
+    path: Path
+    device: str
+    seed: int | None
+    expect: dict
+    ops: list[Op]
+
+
+def load_case(path: Path) -> Case:
+    """A case file, checked: every problem names the file and what to fix."""
+    try:
+        unverified = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--replay {path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UsageError(f"--replay {path}: not JSON ({exc})") from None
+    if not isinstance(unverified, dict) or unverified.get("format") != CASE_FORMAT:
+        raise UsageError(f"--replay {path}: not a drvbox fuzz case (expected \"format\": \"{CASE_FORMAT}\")")
+    ops = unverified.get("ops")
+    expect = unverified.get("expect")
+    if not isinstance(ops, list) or not ops or not isinstance(expect, dict) or expect.get("kind") not in KINDS:
+        raise UsageError(f"--replay {path}: needs a non-empty \"ops\" list and \"expect\": {{\"kind\": one of "
+                         f"{', '.join(KINDS)}}}")
+    return Case(Path(path), str(unverified.get("device", "")), unverified.get("seed"), expect,
+                [Op.from_json(op, f"{path}: ops[{i}]") for i, op in enumerate(ops)])
