@@ -1,0 +1,163 @@
+"""End-to-end: `drvbox fuzz` against a real Device Manager, with fuzzme (three planted bugs) in a
+real sandboxed host, finds each bug, buckets it with the signal or exit status the audit log
+gives, writes case files that replay, and leaves the other devices answering."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dm_harness import ROOT, DeviceManagerProcess, Hammer, reg_driver, reg_group
+
+pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
+
+TEST_DRIVERS = ROOT / "tests" / "drivers"
+sys.path.insert(0, str(TEST_DRIVERS))
+import fuzzme  # noqa: E402  -- only its constants: the driver itself runs in the host
+
+SEED = 1
+ITERATIONS = 300
+# What SEED finds in ITERATIONS operations: each planted bug, once bucketed, whatever the counts.
+PLANTED = {
+    ("crash", "SIGSEGV", None, "ioctl", f"{fuzzme.IOCTL_PARSE:#010x}"),       # in[0] == 0xFF
+    ("hang", "SIGKILL", None, "ioctl", f"{fuzzme.IOCTL_WAIT:#010x}"),         # empty input; killed
+    ("crash", None, fuzzme.EXIT_STALE_CURSOR, "read", None),                  # write, seek, read
+}
+STEADY_ALLOW = '"IoctlAllow"=multi_sz:"0x00220000-0x002200FF"'
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    registry = (reg_driver("Fuzzme", "FZZ", dll="fuzzme.dll", group=1,
+                           extra=fuzzme.IOCTL_ALLOW + '\n"MaxIoSize"=dword:100')
+                # A short ProcTimeout so a hang costs little; a low RestartLimit so the run meets
+                # quarantines and must lift them.
+                + reg_group(1, timeout_ms=500, restart_limit=2)
+                + reg_driver("Steady", "OKY", dll="faulty.dll", group=2, order=2, extra=STEADY_ALLOW)
+                + reg_group(2)
+                + reg_driver("Inproc", "KRN", dll="echo.dll", user=False, group=None, order=3))
+    dm = DeviceManagerProcess(tmp, registry, driver_dirs=(TEST_DRIVERS, ROOT / "tests" / "e2e" / "drivers")).start()
+    yield dm
+    dm.stop()
+
+
+def drvbox(dm: DeviceManagerProcess, *args, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket", str(dm.socket), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+
+
+def keys(report: dict) -> set:
+    return {(b["kind"], b["signal_name"], b["status"], b["op"], b["code"]) for b in report["buckets"]}
+
+
+def test_fuzz_finds_the_planted_bugs_and_the_other_device_keeps_answering(dm, tmp_path):
+    out = tmp_path / "out"
+    with Hammer(dm, "OKY1:"):
+        r = drvbox(dm, "fuzz", "FZZ1:", "--seed", SEED, "--iterations", ITERATIONS, "--policy", dm.policies,
+                   "--out", out, "--json")
+    assert r.returncode == 1, r.stderr
+    report = json.loads(r.stdout)
+    assert keys(report) == PLANTED, (report, r.stderr, dm.log())
+    assert report["device"] == "FZZ1:" and report["seed"] == SEED and report["iterations"] == ITERATIONS
+    assert report["elapsed_s"] > 0 and report["ops_per_s"] > 0
+    # Codes outside the allowlist were tried and refused by the policy, which is not a finding.
+    assert report["refused_by_policy"] > 0 and report["errnos"]["EACCES"] > 0
+    # RestartLimit 2 was passed, and the fuzzer lifted the quarantine to go on, saying so.
+    assert report["quarantines_lifted"] > 0
+    assert "quarantined" in r.stderr and "drvbox restart FZZ1:" in r.stderr
+    assert f"seed {SEED}" in r.stderr
+    for bucket in report["buckets"]:
+        case = json.loads(Path(bucket["case"]).read_text())
+        assert Path(bucket["case"]).parent == out
+        assert case["seed"] == SEED and case["device"] == "FZZ1:"
+        assert case["expect"]["kind"] == bucket["kind"] and case["expect"]["signal"] == bucket["signal"]
+        assert case["audit"] and case["audit"][-1]["event"] == "host.crashed"
+        last = case["ops"][-1]
+        assert last["op"] == bucket["op"] and last.get("code") == bucket["code"]
+    assert json.loads((out / "summary.json").read_text())["buckets"] == report["buckets"]
+    with dm.client() as c:
+        states = {d["name"]: d["state"] for d in c.devices()["devices"]}
+        with c.open("OKY1:") as h:
+            assert h.ioctl(0x00220000, b"still here", 10) == b"still here"
+    assert states["OKY1:"] == "running"
+
+
+def test_each_case_replays_and_a_harmless_one_does_not(dm, tmp_path):
+    out = tmp_path / "out"
+    r = drvbox(dm, "fuzz", "FZZ1:", "--seed", SEED, "--iterations", ITERATIONS, "--policy", dm.policies,
+               "--out", out, "--json")
+    assert r.returncode == 1, r.stderr
+    cases = [Path(b["case"]) for b in json.loads(r.stdout)["buckets"]]
+    assert len(cases) == len(PLANTED)
+    for case in cases:
+        replay = drvbox(dm, "fuzz", "FZZ1:", "--replay", case, "--json")
+        result = json.loads(replay.stdout)
+        assert replay.returncode == 1 and result["reproduced"], (case.read_text(), replay.stdout, replay.stderr)
+        assert "reproduces" in result["message"]
+    # The same case without its last operation: nothing fails, and the exit status says so.
+    doc = json.loads(cases[0].read_text())
+    doc["ops"] = doc["ops"][:-1] + [{"op": "ioctl", "code": f"{fuzzme.IOCTL_VERSION:#010x}", "in": "", "out": 8}]
+    harmless = tmp_path / "harmless.json"
+    harmless.write_text(json.dumps(doc))
+    replay = drvbox(dm, "fuzz", "FZZ1:", "--replay", harmless)
+    assert replay.returncode == 0, (replay.stdout, replay.stderr)
+    assert "does not reproduce" in replay.stdout
+
+
+def test_same_seed_same_operations_same_buckets(dm, tmp_path):
+    runs = []
+    for n in range(2):
+        r = drvbox(dm, "fuzz", "FZZ1:", "--seed", 7, "--iterations", 120, "--policy", dm.policies,
+                   "--out", tmp_path / f"out{n}", "--json")
+        assert r.returncode in (0, 1), r.stderr
+        runs.append(json.loads(r.stdout))
+    assert keys(runs[0]) == keys(runs[1])
+    assert [b["first_index"] for b in runs[0]["buckets"]] == [b["first_index"] for b in runs[1]["buckets"]]
+
+
+def test_ctrl_c_still_writes_the_summary_and_every_case(dm, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket", str(dm.socket),
+           "fuzz", "FZZ1:", "--seed", str(SEED), "--time", "120", "--policy", str(dm.policies), "--out", str(out),
+           "--json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60           # a guard against a hang, not a measurement
+        while not list(out.glob("case-*.json")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(out.glob("case-*.json")), proc.stderr.read() if proc.poll() is not None else "no case yet"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stderr
+    report = json.loads(stdout)
+    assert report["interrupted"] is True and report["buckets"]
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    for bucket in report["buckets"]:
+        assert Path(bucket["case"]).exists()
+    assert "interrupted" in stderr
+
+
+def test_refusals_exit_2_with_the_reason(dm, tmp_path):
+    r = drvbox(dm, "fuzz", "KRN1:", "--codes", "0x80002000", "--iterations", 10)
+    assert r.returncode == 2 and "kernel mode" in r.stderr and "--kernel-mode-ok" in r.stderr
+    r = drvbox(dm, "fuzz", "NOPE1:", "--codes", "0x1", "--iterations", 10)
+    assert r.returncode == 2 and "no device 'NOPE1:'" in r.stderr
+    r = drvbox(dm, "fuzz", "FZZ1:", "--iterations", 10, "--policy", tmp_path)
+    assert r.returncode == 2 and "--codes" in r.stderr
+    r = drvbox(dm, "fuzz", "FZZ1:", "--codes", "0x10-0x1")
+    assert r.returncode == 2 and "low-high" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket",
+                        str(tmp_path / "none.sock"), "fuzz", "FZZ1:", "--codes", "0x1", "--iterations", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot connect" in r.stderr

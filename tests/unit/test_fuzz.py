@@ -1,0 +1,151 @@
+"""`drvbox fuzz` without a Device Manager: the generator is deterministic and covers the input
+space it promises; codes, policies and case files are read strictly; buckets count; the audit
+tail hands out only new records, once each."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+
+import pytest
+
+from reflector.fuzz import Op, Target, UsageError, generate, parse_codes, target_from_policy
+from reflector.fuzz_cases import AuditTail, CaseBook, Evidence, load_case
+
+TARGET = parse_codes("0x00220000,0x00220004-0x0022000C", max_io=256)
+
+
+def take(seed: int, n: int = 2000, target: Target = TARGET) -> list[Op]:
+    return list(itertools.islice(generate(seed, target), n))
+
+
+def test_same_seed_same_operations():
+    assert take(1234) == take(1234)
+    assert [op.to_json() for op in take(99, 500)] == [op.to_json() for op in take(99, 500)]
+
+
+def test_another_seed_other_operations():
+    assert take(1, 200) != take(2, 200)
+
+
+def test_the_operations_cover_what_is_promised():
+    ops = take(5, 5000)
+    kinds = {op.kind for op in ops}
+    assert kinds == {"ioctl", "read", "write", "seek", "reopen"}
+    ioctls = [op for op in ops if op.kind == "ioctl"]
+    inside = {op.code for op in ioctls if not op.outside}
+    assert inside == {0x00220000} | set(range(0x00220004, 0x0022000C + 1))
+    outside = [op for op in ioctls if op.outside]
+    assert outside and not any(TARGET.allows(op.code) for op in outside)
+    sizes = {len(op.data) for op in ioctls} | {op.size for op in ioctls}
+    assert {0, 1, 255, 256, 257} <= sizes           # around 0, and MaxIoSize's edges
+    assert max(sizes) == 257                         # never more than one past MaxIoSize
+    datas = [op.data for op in ioctls if len(op.data) >= 4]
+    assert any(set(d) == {0} for d in datas) and any(set(d) == {0xFF} for d in datas)
+    # The write-seek-read sequence appears as consecutive operations.
+    triples = zip(ops, ops[1:], ops[2:])
+    assert any((a.kind, b.kind, c.kind) == ("write", "seek", "read") for a, b, c in triples)
+
+
+def test_op_json_round_trip():
+    for op in take(3, 300):
+        assert Op.from_json(op.to_json(), "test") == op
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0x10-0x1", "low-high"),
+    ("banana", "is not a code"),
+    ("0x100000000", "is not a code"),
+    ("", "no IOCTL codes"),
+])
+def test_bad_codes_are_refused_with_the_value(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_codes(text)
+
+
+def _policy(tmp_path, name="FZZ1:", ioctls=None, signed=True):
+    doc = {"driver": {"name": name}, "io": {"ioctls": ioctls or {"ranges": [[0x00220000, 0x00220004]]},
+                                            "max_io_size": 512}}
+    body = {"payload": base64.b64encode(json.dumps(doc).encode()).decode(), "signatures": []} if signed else doc
+    path = tmp_path / f"{name.rstrip(':')}.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_codes_from_a_policy_are_authoritative(tmp_path):
+    _policy(tmp_path)
+    _policy(tmp_path, name="OTH1:", ioctls={"ranges": [[1, 1]]}, signed=False)
+    target = target_from_policy(tmp_path, "fzz1")
+    assert target.ranges == ((0x00220000, 0x00220004),) and target.max_io == 512 and target.authoritative
+    assert target_from_policy(tmp_path, "OTH1:").ranges == ((1, 1),)
+    assert target_from_policy(tmp_path, "NONE1:") is None
+    assert not parse_codes("0x1").authoritative
+
+
+def test_a_policy_that_allows_every_code_asks_for_codes(tmp_path):
+    path = _policy(tmp_path, ioctls={"all": True})
+    with pytest.raises(UsageError, match="--codes"):
+        target_from_policy(path, "FZZ1:")
+
+
+def test_buckets_count_and_keep_the_shortest_case(tmp_path):
+    book = CaseBook(tmp_path / "out", "FZZ1:", 7, "--codes")
+    crash = Evidence(signal=11)
+    op = Op("ioctl", code=0x00220008, data=b"\xff")
+    long_trail = [Op("read", size=4), Op("seek"), op]
+    first = book.add("crash", crash, op, 10, long_trail)
+    again = book.add("crash", crash, op, 20, [op])
+    assert first is again and first.count == 2 and first.trail_len == 1
+    other = book.add("crash", Evidence(status=7), Op("read", size=1), 30, [Op("read", size=1)])
+    assert other is not first and len(book.buckets) == 2
+    case = load_case(first.case)
+    assert case.ops == [op] and case.seed == 7 and case.expect["signal"] == 11
+    assert json.loads(first.case.read_text())["index"] == 20
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not JSON"),
+    ('{"format": "other"}', "not a drvbox fuzz case"),
+    ('{"format": "drvbox.fuzz-case/1", "ops": [], "expect": {"kind": "crash"}}', "non-empty"),
+    ('{"format": "drvbox.fuzz-case/1", "ops": [{"op": "ioctl", "code": "0x1", "in": "zz"}], '
+     '"expect": {"kind": "crash"}}', r"ops\[0\]: ioctl operation is malformed"),
+    ('{"format": "drvbox.fuzz-case/1", "ops": [{"op": "format_disk"}], "expect": {"kind": "crash"}}',
+     r"ops\[0\]: expected"),
+])
+def test_bad_case_files_are_refused_with_the_place(tmp_path, content, message):
+    path = tmp_path / "case.json"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message) as info:
+        load_case(path)
+    assert str(path) in str(info.value)
+
+
+def _record(event, group=1, **detail):
+    return json.dumps({"event": event, "group": group, "device": None, "detail": detail}) + "\n"
+
+
+def test_audit_tail_sees_only_new_records_once_each(tmp_path):
+    log = tmp_path / "audit.log"
+    log.write_text(_record("host.crashed", signal=6))                  # before the run: not ours
+    tail = AuditTail(log)
+    assert tail.problem is None
+    with open(log, "a") as f:
+        f.write(_record("host.crashed", group=2, signal=11))              # another group's
+        f.write(_record("buffer.violation", offset=1))
+        f.write(_record("host.crashed", exit_code=None, signal=9, killed_for="buffer.violation"))
+        f.write('{"event": "host.crashed", "gro')                         # half written: later
+    ev = tail.evidence("FZZ1:", {1}, hang=False, wait_s=0)
+    assert (ev.signal, ev.status, ev.violation) == (9, None, "buffer.violation")
+    assert [r["event"] for r in ev.records] == ["buffer.violation", "host.crashed"]
+    missing = tail.evidence("FZZ1:", {1}, hang=False, wait_s=0)           # claimed already
+    assert missing.signal is None and "no host.crashed record" in missing.note
+    with open(log, "a") as f:
+        f.write('up": 1, "device": null, "detail": {"exit_code": 7, "signal": null}}\n')
+    assert tail.evidence("FZZ1:", {1}, hang=False, wait_s=0).status == 7
+
+
+def test_audit_tail_says_when_it_cannot_read(tmp_path):
+    tail = AuditTail(tmp_path / "nowhere" / "audit.log")
+    assert "--state-dir" in tail.problem
+    assert "cannot read the audit log" in tail.evidence("FZZ1:", {1}, hang=False, wait_s=0).note
