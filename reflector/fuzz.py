@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["Op", "Target", "generate", "parse_codes", "target_from_policy", "UsageError"]
+__all__ = ["Op", "Target", "generate", "parse_codes", "target_from_policy", "UsageError", "FuzzStop"]
 
 U32_MAX = 0xFFFF_FFFF
 DEFAULT_MAX_IO = 1 << 20          # the policy default of MaxIoSize (DESIGN.md section 2)
@@ -27,6 +27,12 @@ OPS = ("ioctl", "read", "write", "seek", "reopen")
 
 class UsageError(ValueError):
     """Bad input to `drvbox fuzz` (a code list, a policy file, a case file): exit status 2."""
+
+
+class FuzzStop(Exception):
+    """The run cannot go on (the device is gone, a quarantine cannot be lifted, the Device Manager
+    is unreachable, the case files have nowhere to go); the message says what happened and what
+    to do."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reflector.fuzz import Op, UsageError
+from reflector.fuzz import FuzzStop, Op, UsageError
 
 CASE_FORMAT = "drvbox.fuzz-case/1"
 
@@ -172,6 +172,18 @@ class CaseBook:
         self.device, self.seed, self.target_source = device, seed, target_source
         self.buckets: dict[tuple, Bucket] = {}
 
+    def prepare(self) -> None:
+        """Make ``out_dir`` before the first operation: a run that could not keep its cases should
+        not start (every run also leaves its summary.json there, seed included)."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            probe = self.out_dir / ".writable"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise FuzzStop(f"cannot write case files to {self.out_dir} ({exc.strerror}): give a directory of "
+                           f"yours with --out DIR") from None
+
     def add(self, kind: str, ev: Evidence, op: Op | None, index: int, trail: list[Op]) -> Bucket:
         op_kind = op.kind if op is not None else "-"
         code = op.code if op is not None and op.kind == "ioctl" else None
@@ -204,9 +216,8 @@ class CaseBook:
         return path
 
     def write_summary(self, summary: dict) -> Path | None:
-        if not self.buckets and not self.out_dir.exists():
-            return None
-        self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.out_dir.is_dir():
+            return None           # prepare() failed: there is nowhere to write
         path = self.out_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=1) + "\n")

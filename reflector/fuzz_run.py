@@ -28,17 +28,14 @@ from typing import Callable
 
 from reflector import clientwire
 from reflector.client import DeviceManager, connect
-from reflector.fuzz import Op, Target, generate
+from reflector.fuzz import FuzzStop, Op, Target, generate
 from reflector.fuzz_cases import AuditTail, Case, CaseBook, Evidence, signal_name
 from reflector.paths import audit_log_path
 
 # Answers that mean the request never reached the driver because the policy refused it.
 _REFUSALS = (errno.EACCES, errno.EMSGSIZE)
-
-
-class FuzzStop(Exception):
-    """The run cannot go on (the device is gone, a quarantine cannot be lifted, the Device Manager
-    is unreachable).  ``message`` says what happened and what to do."""
+# Answers after which the handle is of no more use.
+_HANDLE_LOST = (errno.ENODEV, errno.EBADF)
 
 
 @dataclass
@@ -279,6 +276,7 @@ def run(opts: Options, target: Target) -> Report:
         opts.say(tail.problem)
         report.audit_note = tail.problem
     try:
+        book.prepare()
         session.connect()
         device = session.check_device()
         report.device = book.device = session.name
@@ -319,6 +317,12 @@ def run(opts: Options, target: Target) -> Report:
                     session.open()
                     trail, previous = [], None
                     continue
+            elif isinstance(exc, OSError) and exc.errno in _HANDLE_LOST:
+                # Not a failure we caused (someone restarted the device, or a failure of another
+                # device quarantined a shared host): a fresh handle, lifting a quarantine, goes on.
+                session.open()
+                trail, previous = [], None
+                continue
             previous = op
     except KeyboardInterrupt:
         report.interrupted = True

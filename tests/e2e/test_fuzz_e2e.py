@@ -157,6 +157,9 @@ def test_refusals_exit_2_with_the_reason(dm, tmp_path):
     assert r.returncode == 2 and "--codes" in r.stderr
     r = drvbox(dm, "fuzz", "FZZ1:", "--codes", "0x10-0x1")
     assert r.returncode == 2 and "low-high" in r.stderr
+    (tmp_path / "a-file").write_text("")
+    r = drvbox(dm, "fuzz", "FZZ1:", "--codes", "0x00220000", "--iterations", 10, "--out", tmp_path / "a-file" / "out")
+    assert r.returncode == 2 and "cannot write case files" in r.stderr and "--out" in r.stderr
     r = subprocess.run([sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket",
                         str(tmp_path / "none.sock"), "fuzz", "FZZ1:", "--codes", "0x1", "--iterations", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
