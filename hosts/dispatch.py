@@ -18,6 +18,7 @@ import itertools
 import threading
 from collections.abc import Callable, Mapping
 
+from hosts import native
 from hosts.api import ERROR, MAX_ERRNO, WARNING, DriverContext, DriverError, StreamDriver
 from hosts.loader import load_module
 from hosts.registry_view import RegistryView
@@ -89,23 +90,10 @@ class LoadedDriver:
         self._handles: dict[int, object] = {}
         self._next_id = 1
         self._unloaded = False
-        try:
-            module = load_module(module_path, _unique_name(device))
-        except NotImplementedError as exc:
-            raise LoadError(errno.ENOSYS, str(exc)) from None
-        except FileNotFoundError as exc:
-            raise LoadError(errno.ENOENT, f"{device} cannot load {module_path}: {exc}") from None
-        except BaseException as exc:
-            raise LoadError(errno.ENOEXEC, f"{device} module {module_path} failed to import: "
-                                           f"{describe(exc)}") from None
-        cls = getattr(module, "Driver", None)
-        if not isinstance(cls, type):
-            raise LoadError(errno.ENOEXEC, f"{device} module {module_path} defines no class Driver "
-                                           f"(a driver module must define class Driver)")
-        try:
-            instance = cls()
-        except BaseException as exc:
-            raise LoadError(errno.EIO, f"{device} Driver() raised {describe(exc)}") from None
+        if not isinstance(registry, RegistryView):
+            registry = RegistryView(registry)
+        instance = self._native(module_path, registry) if native.is_native(module_path) \
+            else self._python(module_path)
         # Methods the class lacks fall back to StreamDriver's defaults, bound to a plain
         # StreamDriver so that a default never sees the driver's own attributes.
         defaults = StreamDriver()
@@ -116,8 +104,6 @@ class LoadedDriver:
         self.driver = instance
         # The three calls on the I/O path, bound once (no lookup by name per request).
         self._read, self._write, self._io_control = self._calls["read"], self._calls["write"], self._calls["io_control"]
-        if not isinstance(registry, RegistryView):
-            registry = RegistryView(registry)
         self.ctx = DriverContext(registry, kernel, device)
         try:
             self._calls["init"](self.ctx)
@@ -127,6 +113,33 @@ class LoadedDriver:
             raise LoadError(code, f"{device} init failed with {errno.errorcode.get(code, code)}{detail}") from None
         except BaseException as exc:
             raise LoadError(errno.EIO, f"{device} init raised {describe(exc)}") from None
+
+    def _python(self, module_path: str) -> object:
+        """A Python driver module's ``Driver()``."""
+        device = self.device
+        try:
+            module = load_module(module_path, _unique_name(device))
+        except FileNotFoundError as exc:
+            raise LoadError(errno.ENOENT, f"{device} cannot load {module_path}: {exc}") from None
+        except BaseException as exc:
+            raise LoadError(errno.ENOEXEC, f"{device} module {module_path} failed to import: "
+                                           f"{describe(exc)}") from None
+        cls = getattr(module, "Driver", None)
+        if not isinstance(cls, type):
+            raise LoadError(errno.ENOEXEC, f"{device} module {module_path} defines no class Driver "
+                                           f"(a driver module must define class Driver)")
+        try:
+            return cls()
+        except BaseException as exc:
+            raise LoadError(errno.EIO, f"{device} Driver() raised {describe(exc)}") from None
+
+    def _native(self, module_path: str, registry: RegistryView) -> object:
+        """A shared object's entries as a Driver (hosts.native); its entry names depend on the
+        registry (Prefix, Flags), so they are bound here, before init."""
+        try:
+            return native.load(module_path, registry, self.device)
+        except native.NativeLoadError as exc:
+            raise LoadError(exc.errno, exc.message) from None
 
     # -- the one place driver code is called --------------------------------------------------
 

@@ -17,15 +17,14 @@ def load_module(path: str, unique_name: str) -> ModuleType:
     """Import the driver at ``path`` under ``unique_name`` and return the module.
 
     ``path`` is an ``x.py`` file or a package directory ``x/`` (its ``__init__.py``; relative
-    imports inside the package work).  A native ``.so`` raises ``NotImplementedError``.  A
+    imports inside the package work).  A native ``.so`` is not a Python module: it raises
+    ``ImportError`` pointing to ``hosts.native``, which loads it (``hosts.dispatch`` chooses).  A
     missing file raises ``FileNotFoundError``; anything else that is not a driver raises
     ``ImportError``; whatever the module raises while it executes propagates unchanged.
     """
     path = os.fspath(path)
     if path.endswith(".so"):
-        raise NotImplementedError(
-            f"native driver {path}: loading shared objects is not implemented yet; "
-            f"write the driver as a Python module (x.py) or package (x/)")
+        raise ImportError(f"driver {path}: a native driver is loaded by hosts.native.load, not imported", path=path)
     if os.path.isdir(path):
         init = os.path.join(path, "__init__.py")
         if not os.path.isfile(init):

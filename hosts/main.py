@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import socket
 import sys
@@ -36,7 +35,7 @@ import importlib.machinery  # noqa: F401
 import importlib.util  # noqa: F401
 import select  # noqa: F401
 
-from hosts import ioctl, kernel_proxy, pool, registry_view  # noqa: F401 (ioctl: for drivers)
+from hosts import arena_map, ioctl, kernel_proxy, native, pool, registry_view  # noqa: F401 (ioctl: for drivers)
 from hosts.api import ERROR
 from hosts.channel import Channel
 from hosts.dispatch import LoadedDriver, LoadError, describe
@@ -461,18 +460,16 @@ def run(fds: list[int], arg: dict) -> int:
         return HostExit.BAD_ARGS
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, channel_fd)
     try:
-        if arena_size:
-            mapping = mmap.mmap(arena_fd, arena_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            arena = memoryview(mapping)
-        else:
-            arena = memoryview(bytearray())
+        mapping = arena_map.map_arena(arena_fd, arena_size)
     except (OSError, ValueError) as exc:
         Channel(sock).log(ERROR, f"host: cannot map the arena (fd {arena_fd}, {arena_size} bytes): {exc}")
         return HostExit.ARENA
     finally:
-        os.close(arena_fd)  # the mapping (which holds its own duplicate) is all the host needs
+        os.close(arena_fd)  # the mapping (which holds its own reference to the memfd) is all the host needs
+    # Native drivers' input buffers are made read-only only inside this mapping (hosts.native).
+    native.use_arena(mapping)
     try:
-        return Host(sock, arena).serve()
+        return Host(sock, mapping.view).serve()
     except OSError as exc:
         print(f"hosts.main: channel failed: {exc}", file=sys.stderr)
         return HostExit.CHANNEL_ERROR

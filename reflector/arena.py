@@ -15,10 +15,18 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import struct
 import threading
 from dataclasses import dataclass
 
 PAGE = mmap.PAGESIZE
+GUARD = PAGE        # the page that ends every slot
+
+# The descriptor at the start of the arena's last page (the last slot's guard), read by the host:
+# magic, then slot stride (guard included), slot count and guard bytes, little-endian u64s.
+# hosts/arena_map.py parses it; keep the two in step.
+DESCRIPTOR_MAGIC = b"drvbox-arena-v1\0"
+DESCRIPTOR = struct.Struct("<16sQQQ")
 
 
 def _round_up(n: int, to: int = PAGE) -> int:
@@ -33,17 +41,20 @@ class Slot:
 
 
 class Arena:
-    """A sealed memfd of ``slots`` slots of ``slot_size`` bytes each (rounded up to pages)."""
+    """A sealed memfd of ``slots`` slots; each offers at least the ``slot_size`` bytes asked for
+    (``Slot.size``, rounded up to pages) and is followed by its guard page.  ``self.slot_size`` is
+    the distance from one slot to the next: usable bytes plus the guard."""
 
     @staticmethod
     def footprint(slot_size: int, slots: int) -> int:
         """The bytes an arena of ``slots`` slots of ``slot_size`` maps (what ``size`` will be)."""
-        return _round_up(slot_size) * slots
+        return (_round_up(slot_size) + GUARD) * slots
 
     def __init__(self, name: str, slot_size: int, slots: int):
         if slots < 1 or slot_size < 1:
             raise ValueError(f"arena {name!r}: need at least one slot of at least one byte")
-        self.slot_size = _round_up(slot_size)
+        usable = _round_up(slot_size)
+        self.slot_size = usable + GUARD
         self.slots = slots
         self.size = self.footprint(slot_size, slots)
         self.fd = os.memfd_create(f"drvbox-arena-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -52,6 +63,7 @@ class Arena:
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS,
                         fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            DESCRIPTOR.pack_into(self.map, self.size - GUARD, DESCRIPTOR_MAGIC, self.slot_size, slots, GUARD)
         except BaseException:
             os.close(self.fd)
             raise
@@ -59,7 +71,7 @@ class Arena:
         # Slots are made once; the free ones are a stack guarded by a bare lock.  A request takes
         # one and gives it back with one lock round each; the Condition is used only when the
         # stack is empty and someone has to wait (and release notifies only then).
-        self._slots = tuple(Slot(i, i * self.slot_size, self.slot_size) for i in range(slots))
+        self._slots = tuple(Slot(i, i * self.slot_size, usable) for i in range(slots))
         self._free = list(reversed(self._slots))
         self._lock = threading.Lock()
         self._available = threading.Condition(self._lock)

@@ -211,7 +211,7 @@ def test_package_driver_with_relative_import():
     ("init_fails.py", errno.ENXIO, "init failed with ENXIO"),
     ("ctor_fails.py", errno.EIO, "ZeroDivisionError: constructor"),
     ("missing.py", errno.ENOENT, "missing.py does not exist"),
-    ("libnative.so", errno.ENOSYS, "native driver"),
+    ("libnative.so", errno.ENOENT, "native driver"),
 ])
 def test_load_failures_name_the_module_and_reason(name, code, words):
     with pytest.raises(LoadError) as info:
