@@ -162,7 +162,7 @@ def is_native(path: str) -> bool:
     return path.endswith(".so")
 
 
-def entry_names(registry, path: str) -> tuple[str, bool]:
+def entry_names(registry, path: str, device: str) -> tuple[str, bool]:
     """``(prefix, naked)``: the symbols are ``prefix + "_" + entry``, or the entry alone when
     naked.  Raises NativeLoadError when the registry gives no usable Prefix."""
     flags = registry.get("Flags", 0)
@@ -171,7 +171,7 @@ def entry_names(registry, path: str) -> tuple[str, bool]:
         return "", True
     prefix = registry.get("Prefix")
     if not isinstance(prefix, str) or not _PREFIX.match(prefix):
-        raise NativeLoadError(errno.EINVAL, f"native driver {path}: registry Prefix {prefix!r} cannot prefix C "
+        raise NativeLoadError(errno.EINVAL, f"{device} native driver {path}: registry Prefix {prefix!r} cannot prefix C "
                                             f"symbols (PREFIX_Init needs letters, digits and '_'); set Prefix, or "
                                             f"Flags |= 0x8 (DEVFLAGS_NAKEDENTRIES) for unprefixed entries")
     return prefix, False
@@ -181,8 +181,8 @@ def load(path: str, registry, device: str) -> "NativeDriver":
     """Open the shared object at ``path`` and bind its entries for the device; raises
     NativeLoadError naming the file and, for a missing entry, the symbol."""
     if not os.path.isfile(path):
-        raise NativeLoadError(errno.ENOENT, f"{device}: native driver {path} does not exist")
-    prefix, naked = entry_names(registry, path)
+        raise NativeLoadError(errno.ENOENT, f"{device} native driver {path} does not exist")
+    prefix, naked = entry_names(registry, path, device)
     try:
         # ctypes opens with RTLD_NOW: a symbol the object cannot resolve fails here, not mid-call.
         library = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL, use_errno=True)
@@ -202,10 +202,11 @@ def load(path: str, registry, device: str) -> "NativeDriver":
         required += ["Open", "Close"]
     missing = [name for name in required if name not in entries]
     if missing:
-        how = "unprefixed (Flags has DEVFLAGS_NAKEDENTRIES 0x8)" if naked else f"with the registry Prefix {prefix!r}"
+        how = ("Flags has DEVFLAGS_NAKEDENTRIES (0x8), so the names are unprefixed" if naked
+               else f"the names are the registry Prefix {prefix!r}, '_' and the entry")
         symbols = ", ".join(name if naked else f"{prefix}_{name}" for name in missing)
-        raise NativeLoadError(errno.ENOEXEC, f"{device}: native driver {path} does not export {symbols} "
-                                             f"(required; entry names are {how}; check with nm -D {path})")
+        raise NativeLoadError(errno.ENOEXEC, f"{device} native driver {path} does not export {symbols} "
+                                             f"(required; {how}; see what it exports with nm -D {path})")
     return NativeDriver(path, entries, device)
 
 
