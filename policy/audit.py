@@ -61,6 +61,7 @@ Writing the log never needs the public key; checking it never needs the private 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -70,7 +71,7 @@ import stat
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -159,9 +160,18 @@ class AuditLog:
         self._synced_seq = 0
         self._dir_synced = False
         self.last_sync_error: OSError | None = None
+        # Called once, with the error, the first time a record cannot be written or fsync'd:
+        # its owner decides what a monitor that can no longer record does (the Device Manager
+        # stops).  Callers of ``record`` may catch its OSError; this still hears of it.
+        self.on_failure: Callable[[OSError], None] | None = None
+        self.failure: OSError | None = None
 
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                               | os.O_NONBLOCK, 0o600)
+        except OSError as exc:
+            raise AuditError(_open_failure(exc), path=self.path) from None
         try:
             if not stat.S_ISREG(os.fstat(self._fd).st_mode):
                 raise AuditError("is not a regular file; the audit log must be one", path=self.path)
@@ -199,18 +209,32 @@ class AuditLog:
         time), ``AuditError`` after ``close``, and ``OSError`` when the disk refuses the write.
         """
         _check_args(event, device, driver, group, pid, detail)
-        with self._lock:
-            if self._closed:
-                raise AuditError(f"cannot record {event!r}: the log is closed", path=self.path)
-            recovered = self._torn_write and self._recover_locked()
-            written = self._append(event, device, driver, group, pid, dict(detail or {}))
-            if self._key is not None and self._since_checkpoint >= self._every:
-                self._append_checkpoint()
-        if recovered or is_urgent(event):
-            self._sync_to(written["seq"])
-        else:
-            self._wake.set()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise AuditError(f"cannot record {event!r}: the log is closed", path=self.path)
+                recovered = self._torn_write and self._recover_locked()
+                written = self._append(event, device, driver, group, pid, dict(detail or {}))
+                if self._key is not None and self._since_checkpoint >= self._every:
+                    self._append_checkpoint()
+            if recovered or is_urgent(event):
+                self._sync_to(written["seq"])
+            else:
+                self._wake.set()
+        except OSError as exc:
+            self._failed(exc, f"record {event!r}")
+            raise
         return written
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        log.error("%s: could not %s: %s", self.path, what, exc)
+        with self._sync_lock:
+            first, self.failure = self.failure is None, self.failure or exc
+        if first and self.on_failure is not None:
+            try:
+                self.on_failure(exc)
+            except Exception:                   # the owner's trouble must not hide the log's
+                log.exception("%s: on_failure", self.path)
 
     def sync(self) -> None:
         """fsync the log, then sign and atomically rewrite the head to what is now on disk."""
@@ -230,22 +254,26 @@ class AuditLog:
                 self._synced_seq = seq
 
     def close(self) -> None:
-        """Final checkpoint, fsync, head, stop the timer.  Closing twice is harmless."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._key is not None and self._since_checkpoint > 0:
-                self._append_checkpoint()
-        self._stop.set()
-        self._wake.set()
-        self._timer.join()
+        """Final checkpoint, fsync, head, stop the timer.  Closing twice is harmless.  The fd is
+        closed and the timer stopped even when the disk refuses the last writes (which raise)."""
         try:
-            self.sync()
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+                if self._key is not None and self._since_checkpoint > 0:
+                    self._append_checkpoint()
         finally:
-            with self._sync_lock:
-                os.close(self._fd)
-                self._fd = None
+            if self._closed and self._fd is not None:
+                self._stop.set()
+                self._wake.set()
+                self._timer.join()
+                try:
+                    self.sync()
+                finally:
+                    with self._sync_lock:
+                        os.close(self._fd)
+                        self._fd = None
 
     def __enter__(self) -> "AuditLog":
         return self
@@ -413,8 +441,19 @@ class AuditLog:
                 self.last_sync_error = None
             except OSError as exc:
                 self.last_sync_error = exc
-                log.error("%s: fsync of the audit log failed: %s", self.path, exc)
+                self._failed(exc, "fsync the log and rewrite its head")
                 self._wake.set()                        # try again next interval
+
+
+def _open_failure(exc: OSError) -> str:
+    """Why the log cannot be opened for appending, and what to do about it."""
+    if exc.errno == errno.ELOOP:
+        return ("is a symbolic link; the audit log must be a regular file of the state directory itself "
+                "(a link could point the records anywhere).  Move the link away")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot be opened for appending ({exc.strerror}); drvbox does not run drivers it cannot "
+                f"audit: make the state directory writable (or free space), or choose another with --state-dir")
+    return f"cannot be opened for appending ({exc.strerror or exc}); {_MOVE_ASIDE}"
 
 
 _MOVE_ASIDE = ("move audit.log and audit.head aside (keep them: they are evidence) "

@@ -62,6 +62,7 @@ def run(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     dm = DeviceManager(config)
+    dm.on_fatal = stop.set
     from reflector.server import Server, SocketBusy
     server = Server(dm, args.socket)
     try:
@@ -87,7 +88,12 @@ def run(args) -> int:
         print(f"drvbox: serving on {args.socket} (state in {args.state_dir}); Ctrl-C to stop", file=sys.stderr)
         stop.wait()
         print("drvbox: stopping", file=sys.stderr)
+    except OSError:
+        if dm.fatal is None:           # an audit log that failed during start-up is said below
+            raise
     finally:
         server.stop()
         dm.stop()
+    if dm.fatal is not None:
+        raise SystemExit(f"drvbox run: {dm.fatal}")
     return 0

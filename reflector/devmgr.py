@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from policy import acceptance as acceptance_mod
-from policy.audit import AuditLog
+from policy.audit import AuditError, AuditLog
 from policy.derive import derive_one
 from policy.document import Policy, format_datetime
 from policy.errors import PolicyError
@@ -83,12 +83,16 @@ class DeviceManager:
         self.supervisor = None
         self._next_solo = SOLO_GROUP_BASE
         self._lock = threading.Lock()
+        # Set when the Device Manager must stop on its own (its audit log failed): why, and who
+        # to tell (drvbox run's stop event).
+        self.fatal: str | None = None
+        self.on_fatal = lambda: None
 
     # -- start-up ----------------------------------------------------------------------------
 
     def load(self) -> None:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.check_state_dir(cfg.state_dir)
         builtin = not cfg.registry
         search_path = list(cfg.driver_path) + ([builtin_driver_dir()] if builtin or not cfg.driver_path else [])
         registry = cfg.registry or [builtin_driver_dir() / "platform.reg"]
@@ -96,8 +100,15 @@ class DeviceManager:
         for d in parsed.diagnostics:
             log.warning("%s", d)
         self.hive = parsed.hive
-        audit_key = devkeys.ensure_key(cfg.state_dir, "audit")
+        try:
+            audit_key = devkeys.ensure_key(cfg.state_dir, "audit")
+        except OSError as exc:
+            # Nothing runs unaudited: without its key there is no audit log, so no Device Manager.
+            raise AuditError(f"cannot make or read the audit signing key ({exc.strerror or exc}); the state "
+                             f"directory must be writable by the Device Manager (or choose another with "
+                             f"--state-dir)", path=Path(exc.filename or cfg.state_dir)) from None
         self.audit = AuditLog(paths.audit_log_path(cfg.state_dir), signing_key=audit_key)
+        self.audit.on_failure = self._audit_failed
         if builtin:
             policies, trust = devkeys.builtin_policies(cfg.state_dir, self.hive, search_path)
         else:
@@ -271,15 +282,36 @@ class DeviceManager:
 
     # -- the end -------------------------------------------------------------------------------
 
+    def _audit_failed(self, exc: OSError) -> None:
+        """The audit log refused a write or an fsync.  Decided: the Device Manager stops (its
+        hosts with it) rather than go on running drivers whose denials, crashes and violations
+        nobody could read afterwards -- fail closed, as everywhere else.  Restart it once the log
+        can be written; the chain goes on from what reached the disk."""
+        where = self.audit.path if self.audit is not None else "the audit log"
+        self.fatal = (f"the audit log {where} cannot be written ({exc.strerror or exc}): stopping, since drvbox "
+                      f"does not run drivers it cannot audit.  Free space on its filesystem or make it writable, "
+                      f"then start drvbox run again (the chain goes on; `drvbox audit verify` checks it)")
+        log.critical("%s", self.fatal)
+        self.on_fatal()
+
     def stop(self) -> None:
+        # Each part is stopped even if another fails (an audit log that cannot be written makes
+        # every record raise): no host may outlive a Device Manager that is going away.
         for d in self.devices.values():
             if isinstance(d, KernelDevice):
-                d.stop()
+                _stop_part(d.stop, d.name)
         with self._lock:
             groups = list(self.groups.values())
         for g in groups:
-            g.stop()
+            _stop_part(g.stop, f"group {g.gid}")
         if self.supervisor is not None:
-            self.supervisor.stop()
+            _stop_part(self.supervisor.stop, "the system-call supervisor")
         if self.audit is not None:
-            self.audit.close()
+            _stop_part(self.audit.close, f"the audit log {self.audit.path}")
+
+
+def _stop_part(stop, what: str) -> None:
+    try:
+        stop()
+    except Exception as exc:
+        log.error("stopping %s: %s", what, exc)

@@ -73,3 +73,40 @@ def check_socket_dir(socket_path: Path, *, create: bool, owner_checked: bool = T
             f"{directory} (the directory of the socket {socket_path}) is writable by others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}) and not sticky: anyone could replace the socket.  "
             f"chmod go-w {directory}, or choose another path with --socket or DRVBOX_SOCKET")
+
+
+class UnsafeStateDir(PermissionError):
+    """The state directory could let someone else replace what drvbox trusts in it."""
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Make a missing state directory (mode 0700) and refuse one that is not safe to trust.
+
+    The state directory holds the audit log and its signing key, the development signing key
+    and the pinned copies of driver modules.  Whoever may write it (or rename what is in it, which
+    a sticky bit would not stop for new names such as ``audit.head.tmp``) could swap any of those,
+    so it must be a directory owned by this user or root that nobody else may write.  A symlink
+    to such a directory is fine: it is the directory that is checked."""
+    state_dir = Path(state_dir)
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(
+            f"the state directory {state_dir} exists and is not a directory: move it away, or choose "
+            f"another with --state-dir or DRVBOX_STATE_DIR") from None
+    st = os.stat(state_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(
+            f"the state directory {state_dir} is not a directory: move it away, or choose another with "
+            f"--state-dir or DRVBOX_STATE_DIR")
+    euid = os.geteuid()
+    if st.st_uid not in (euid, 0):
+        raise UnsafeStateDir(
+            f"the state directory {state_dir} belongs to uid {st.st_uid}, not to you (uid {euid}) or root: "
+            f"its owner could replace the audit log and the keys in it.  chown it, or choose another with "
+            f"--state-dir or DRVBOX_STATE_DIR")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeStateDir(
+            f"the state directory {state_dir} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"they could replace the audit log and the keys in it.  chmod go-w {state_dir} (0700 is what "
+            f"drvbox makes), or choose another with --state-dir or DRVBOX_STATE_DIR")

@@ -133,3 +133,114 @@ def test_a_dead_device_managers_socket_is_reused(tmp_path):
     finally:
         assert dm.stop() == 0
     assert not dm.socket.exists()
+
+
+# -- the state directory and the audit log ------------------------------------------------------
+
+def _symlinked_log(dm, tmp_path):
+    dm.state.mkdir(mode=0o700)
+    (tmp_path / "elsewhere.log").write_text("")
+    (dm.state / "audit.log").symlink_to(tmp_path / "elsewhere.log")
+    return "is a symbolic link", tmp_path / "elsewhere.log"
+
+
+def _world_writable_state(dm, tmp_path):
+    dm.state.mkdir()
+    dm.state.chmod(0o777)
+    return "is writable by others (mode 0777)", None
+
+
+def _group_writable_state(dm, tmp_path):
+    dm.state.mkdir()
+    dm.state.chmod(0o770)
+    return "chmod go-w", None
+
+
+def _state_is_a_file(dm, tmp_path):
+    dm.state.write_text("not a directory")
+    return "exists and is not a directory", None
+
+
+def _fifo_log(dm, tmp_path):
+    dm.state.mkdir(mode=0o700)
+    os.mkfifo(dm.state / "audit.log")      # opening it for writing would wait for a reader forever
+    return "audit.log: cannot be opened", None
+
+
+@pytest.mark.parametrize("setup", [_symlinked_log, _world_writable_state, _group_writable_state, _state_is_a_file,
+                                   _fifo_log], ids=lambda f: f.__name__.strip("_"))
+def test_a_state_directory_or_audit_log_not_to_be_trusted_is_refused_clearly(tmp_path, setup):
+    dm = DeviceManagerProcess(tmp_path, KERNEL_LOOP)
+    expected, untouched = setup(dm, tmp_path)
+    done = run_to_exit(dm)
+    assert done.returncode == 1, done.stderr
+    assert_no_traceback(done.stderr)
+    assert str(dm.state) in done.stderr and expected in done.stderr, done.stderr
+    assert not dm.socket.exists()            # it never served
+    if untouched is not None:
+        assert untouched.read_text() == ""   # nothing was written through the link
+
+
+@pytest.fixture
+def small_state(tmp_path):
+    """The state directory on a tmpfs of its own, small enough to fill (root: mount)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "drvbox-test-state", str(state)], check=True)
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def _fill(directory) -> None:
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+@pytest.mark.needs_root
+def test_an_audit_log_that_cannot_be_written_stops_the_device_manager(tmp_path, small_state):
+    dm = DeviceManagerProcess(tmp_path, KERNEL_LOOP).start()
+    try:
+        serves(dm)
+        _fill(small_state)
+        c = dm.client()
+        h = c.open("LPB1:")
+        with pytest.raises(OSError):              # denied and audited (policy.denied): the write fails
+            h.ioctl(0x00330000, b"", 0)
+        c.close()
+        # Fail closed: it does not go on serving unaudited; it stops, says why and what to do.
+        assert dm.proc.wait(30) == 1
+        log = dm.log()
+        assert_no_traceback(log)
+        assert f"the audit log {small_state / 'audit.log'} cannot be written (No space left" in log, log
+        assert "does not run drivers it cannot audit" in log and "start drvbox run again" in log, log
+        assert not dm.socket.exists()
+    finally:
+        dm.stop()
+    # Once there is room again, it starts, the chain goes on, and the log verifies.
+    (small_state / "filler").unlink()
+    before = len(dm.audit())
+    dm._log.close()
+    dm.start()
+    serves(dm)
+    assert dm.stop() == 0
+    assert len(dm.audit()) > before
+    from reflector.cli import main
+    assert main(["--state-dir", str(dm.state), "audit", "verify"]) == 0
+
+
+@pytest.mark.needs_root
+def test_a_read_only_state_directory_is_refused_clearly(tmp_path, small_state):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_state)], check=True)
+    dm = DeviceManagerProcess(tmp_path, KERNEL_LOOP)
+    done = run_to_exit(dm)
+    assert done.returncode == 1, done.stderr
+    assert_no_traceback(done.stderr)
+    assert str(small_state) in done.stderr and "Read-only file system" in done.stderr, done.stderr
+    assert "--state-dir" in done.stderr
