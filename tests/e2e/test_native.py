@@ -137,3 +137,18 @@ def test_a_missing_required_entry_is_a_load_error_naming_the_so_and_symbol(start
         assert exc.value.errno == errno.ENODEV
         with c.open("ECO1:") as h:             # the other host loaded its driver all the same
             assert h.ioctl(ECHO, b"fine", 4) == b"fine"
+
+
+def test_the_policy_pins_the_so_itself(tmp_path, drivers):
+    """A .so replaced after its policy was signed is refused (module-mismatch): the hash covers the
+    shared object, as it covers a Python module."""
+    dm = DeviceManagerProcess(tmp_path, native_key("Echo", "ECH", "echo.dll", USER) + reg_group(1),
+                              driver_dirs=(drivers,))
+    native_build.build("echo.c", drivers / "libecho.so", "NO_DEINIT")      # different code, same name
+    try:
+        dm.start()
+        dm.wait_state("ECH1:", "rejected")
+        rejected = dm.wait_audit("policy.rejected", device="ECH1:")
+        assert rejected[0]["detail"]["reason"] == "module-mismatch", rejected
+    finally:
+        dm.stop()
