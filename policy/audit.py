@@ -69,6 +69,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -130,6 +131,19 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
 }
 KNOWN_EVENTS: frozenset[str] = frozenset(EVENT_DESCRIPTIONS)
 
+# Denials a less-trusted party can cause as fast as it can ask -- an application repeating an
+# IOCTL its policy refuses, a driver repeating a call outside its window.  Each of them used to
+# be one fsync'd, signed record: a loop of them grew the log by ~150 KB/s and fsync'd hundreds of
+# times a second, until the disk was full (and the Device Manager stops on a log it cannot write).
+# With AuditLog(fold=FOLDED_EVENTS) (the Device Manager's), per event and device, the first
+# FOLD_BURST records of a FOLD_WINDOW are written in full; the rest of that window are counted
+# and written as one record, detail {"folded": n, "last": ...}, when the window is over (at the
+# latest one sync interval later, or at close).  Every denial is accounted for; the log grows
+# with time, not with the attacker's speed.
+FOLDED_EVENTS = frozenset({"policy.denied", "client.denied"})
+FOLD_BURST = 20
+FOLD_WINDOW = 1.0
+
 _MAX_NAME = 1024               # device and driver names; with the detail bounded, a line stays bounded
 SYNC_INTERVAL = 1.0            # seconds: the longest a written record waits for its fsync
 _TAIL_CHUNK = 64 * 1024
@@ -146,7 +160,8 @@ class AuditLog:
     checks the last line and continues its chain.  Use as a context manager or call ``close``.
     """
 
-    def __init__(self, path: Path, signing_key: Ed25519PrivateKey | None = None, checkpoint_every: int = 256):
+    def __init__(self, path: Path, signing_key: Ed25519PrivateKey | None = None, checkpoint_every: int = 256,
+                 fold: frozenset[str] = frozenset()):
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
         self.path = Path(path)
@@ -165,6 +180,8 @@ class AuditLog:
         # stops).  Callers of ``record`` may catch its OSError; this still hears of it.
         self.on_failure: Callable[[OSError], None] | None = None
         self.failure: OSError | None = None
+        self._fold_events = fold              # events folded beyond FOLD_BURST a window (FOLDED_EVENTS)
+        self._folds: dict[tuple[str, str | None], _Fold] = {}
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -214,6 +231,9 @@ class AuditLog:
                 if self._closed:
                     raise AuditError(f"cannot record {event!r}: the log is closed", path=self.path)
                 recovered = self._torn_write and self._recover_locked()
+                if event in self._fold_events and self._fold(event, device, driver, group, pid, detail):
+                    self._wake.set()            # the sync loop writes the window's count when it ends
+                    return {"event": event, "device": device, "folded": True}
                 written = self._append(event, device, driver, group, pid, dict(detail or {}))
                 if self._key is not None and self._since_checkpoint >= self._every:
                     self._append_checkpoint()
@@ -225,6 +245,42 @@ class AuditLog:
             self._failed(exc, f"record {event!r}")
             raise
         return written
+
+    def _fold(self, event: str, device, driver, group, pid, detail) -> bool:
+        """Count this record instead of writing it, if its window already wrote FOLD_BURST
+        (caller holds the lock).  A window that is over has its count written first."""
+        now = time.monotonic()
+        key = (event, device)
+        fold = self._folds.get(key)
+        if fold is None or now - fold.start >= FOLD_WINDOW:
+            if fold is not None:
+                self._write_fold(key, fold)
+            fold = self._folds[key] = _Fold(now)
+        if fold.written < FOLD_BURST:
+            fold.written += 1
+            return False
+        fold.folded += 1
+        fold.last = (driver, group, pid, dict(detail or {}))
+        return True
+
+    def _write_fold(self, key: tuple[str, str | None], fold: "_Fold") -> None:
+        if fold.folded:
+            driver, group, pid, detail = fold.last
+            self._append(key[0], key[1], driver, group, pid,
+                         {"folded": fold.folded, "window_s": FOLD_WINDOW, "last": detail})
+            fold.folded = 0
+
+    def _flush_folds(self, everything: bool = False) -> bool:
+        """Write the counts of windows that are over (all of them at close); True if any was."""
+        now = time.monotonic()
+        wrote = False
+        with self._lock:
+            for key, fold in list(self._folds.items()):
+                if everything or now - fold.start >= FOLD_WINDOW:
+                    wrote = wrote or fold.folded > 0
+                    self._write_fold(key, fold)
+                    del self._folds[key]
+        return wrote
 
     def _failed(self, exc: OSError, what: str) -> None:
         log.error("%s: could not %s: %s", self.path, what, exc)
@@ -257,6 +313,8 @@ class AuditLog:
         """Final checkpoint, fsync, head, stop the timer.  Closing twice is harmless.  The fd is
         closed and the timer stopped even when the disk refuses the last writes (which raise)."""
         try:
+            if not self._closed:
+                self._flush_folds(everything=True)
             with self._lock:
                 if self._closed:
                     return
@@ -437,6 +495,8 @@ class AuditLog:
                 return                                  # close() does the last sync itself
             self._wake.clear()
             try:
+                if self._folds and (self._flush_folds() or self._folds):
+                    self._wake.set()                    # windows still open: look again next interval
                 self.sync()
                 self.last_sync_error = None
             except OSError as exc:
@@ -492,6 +552,15 @@ def _check_last_line(path: Path, line: bytes) -> tuple[int, str]:
         seq = rec.get("seq") if isinstance(rec, dict) and is_int(rec.get("seq")) else None
         raise AuditError(f"last record does not check: {reason}; {_MOVE_ASIDE}", seq=seq, path=path)
     return rec["seq"], rec["hash"]
+
+
+class _Fold:
+    """One (event, device)'s current window: records written in full, records only counted."""
+
+    __slots__ = ("start", "written", "folded", "last")
+
+    def __init__(self, start: float):
+        self.start, self.written, self.folded, self.last = start, 0, 0, None
 
 
 class _Torn(NamedTuple):

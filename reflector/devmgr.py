@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from policy import acceptance as acceptance_mod
-from policy.audit import AuditError, AuditLog
+from policy.audit import FOLDED_EVENTS, AuditError, AuditLog
 from policy.derive import derive_one
 from policy.document import Policy, format_datetime
 from policy.errors import PolicyError
@@ -107,7 +107,9 @@ class DeviceManager:
             raise AuditError(f"cannot make or read the audit signing key ({exc.strerror or exc}); the state "
                              f"directory must be writable by the Device Manager (or choose another with "
                              f"--state-dir)", path=Path(exc.filename or cfg.state_dir)) from None
-        self.audit = AuditLog(paths.audit_log_path(cfg.state_dir), signing_key=audit_key)
+        # Denials a client or a driver can repeat at will are folded past a burst a second, so
+        # that no one can fill the disk (and stop us) by asking again and again.
+        self.audit = AuditLog(paths.audit_log_path(cfg.state_dir), signing_key=audit_key, fold=FOLDED_EVENTS)
         self.audit.on_failure = self._audit_failed
         if builtin:
             policies, trust = devkeys.builtin_policies(cfg.state_dir, self.hive, search_path)
