@@ -189,7 +189,11 @@ class _Session:
                 continue
             except OSError as exc:
                 err = exc
-            device, _ = self.describe()
+            try:
+                device, _ = self.describe()
+            except (ConnectionError, clientwire.ClientProtocolError):
+                self.reconnect()
+                continue
             state = device["state"] if device else "gone"
             if state == "quarantined":
                 self.lift_quarantine()
@@ -307,7 +311,10 @@ def run(opts: Options, target: Target) -> Report:
                 report.errnos[name] = report.errnos.get(name, 0) + 1
                 if isinstance(e, OSError) and e.errno in _REFUSALS:
                     report.refused += 1
-            verdict = _judge(session, tail, op, exc, target)
+            try:
+                verdict = _judge(session, tail, op, exc, target)
+            except (ConnectionError, clientwire.ClientProtocolError) as e:
+                verdict = Verdict("dm-closed", Evidence(note=f"while asking about {session.name}: {e}"))
             if verdict.kind is not None:
                 blamed, case_trail = (previous, trail[:-1]) if verdict.blame_previous else (op, trail)
                 book.add(verdict.kind, verdict.evidence, blamed, index, case_trail)

@@ -164,3 +164,28 @@ def test_refusals_exit_2_with_the_reason(dm, tmp_path):
                         str(tmp_path / "none.sock"), "fuzz", "FZZ1:", "--codes", "0x1", "--iterations", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot connect" in r.stderr
+
+
+def test_a_device_manager_that_goes_away_stops_the_run_with_what_was_found(tmp_path):
+    registry = (reg_driver("Fuzzme", "FZZ", dll="fuzzme.dll", group=1, extra=fuzzme.IOCTL_ALLOW)
+                + reg_group(1, timeout_ms=500, restart_limit=50))
+    dm = DeviceManagerProcess(tmp_path, registry, driver_dirs=(TEST_DRIVERS,)).start()
+    cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket", str(dm.socket),
+           "fuzz", "FZZ1:", "--seed", str(SEED), "--time", "120", "--policy", str(dm.policies),
+           "--out", str(tmp_path / "out"), "--json"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        dm.wait_audit("host.crashed", timeout=60)       # it is fuzzing, and has found something
+        dm.proc.kill()
+        dm.proc.wait()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        dm.stop()
+    assert proc.returncode == 1, stderr
+    report = json.loads(stdout)
+    assert "Traceback" not in stderr
+    assert "cannot connect to the Device Manager" in report["stopped"] and report["stopped"] in stderr
+    assert report["buckets"] and not report["interrupted"]
