@@ -244,3 +244,104 @@ def test_a_read_only_state_directory_is_refused_clearly(tmp_path, small_state):
     assert_no_traceback(done.stderr)
     assert str(small_state) in done.stderr and "Read-only file system" in done.stderr, done.stderr
     assert "--state-dir" in done.stderr
+
+
+# -- killing things -------------------------------------------------------------------------------
+
+def _two_user_hosts() -> str:
+    return (reg_driver("Faulty", "FLT", group=1, extra=ALLOW) + reg_driver("Steady", "OKY", group=2, order=2, extra=ALLOW)
+            + reg_group(1, timeout_ms=1500) + reg_group(2))
+
+
+def _host_of(reaper_pid: int) -> int:
+    """The sandboxed host itself: `drvbox ls` names its reaper, whose only child it is."""
+    with open(f"/proc/{reaper_pid}/task/{reaper_pid}/children") as f:
+        children = f.read().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def _stopped(pid: int) -> bool:
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] != "T":
+                return False
+    return True
+
+
+@pytest.mark.needs_sandbox
+def test_a_stopped_host_times_out_and_is_restarted(tmp_path):
+    dm = DeviceManagerProcess(tmp_path, _two_user_hosts()).start()
+    try:
+        with dm.client() as c:
+            reaper = next(h["pid"] for h in c.devices()["hosts"] if h["group"] == 1)
+        with dm.client() as c:
+            h = c.open("FLT1:")
+            host = _host_of(reaper)
+            os.kill(host, signal.SIGSTOP)
+            # The signal is delivered asynchronously: wait until every thread of the host is stopped.
+            deadline = time.monotonic() + 10
+            while not _stopped(host) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _stopped(host)
+            with pytest.raises(OSError) as exc:
+                h.ioctl(ECHO, b"x", 1)
+            assert exc.value.errno == errno.ETIMEDOUT
+        dm.wait_audit("host.timeout", group=1)
+        dm.wait_audit("host.restarted", group=1)
+        with dm.client() as c, c.open("FLT1:") as h, c.open("OKY1:") as o:
+            assert h.ioctl(ECHO, b"back", 4) == b"back"
+            assert o.ioctl(ECHO, b"calm", 4) == b"calm"
+    finally:
+        assert dm.stop() == 0
+
+
+@pytest.mark.needs_sandbox
+def test_sigkill_under_load_then_start_again_the_chain_goes_on(tmp_path):
+    dm = DeviceManagerProcess(tmp_path, _two_user_hosts()).start()
+    stop = threading.Event()
+    served = []
+
+    def load():
+        while not stop.is_set():
+            try:
+                with dm.client() as c, c.open("OKY1:") as h:
+                    while not stop.is_set():
+                        assert h.ioctl(ECHO, b"a", 1) == b"a"
+                        served.append(1)
+                        with pytest.raises(OSError):
+                            h.ioctl(0x00330000, b"", 0)       # audited on every round
+            except OSError:
+                time.sleep(0.01)                           # the Device Manager is down: try again
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(served) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reapers = dm.host_pids()
+        hosts = [_host_of(p) for p in reapers]
+        dm.proc.kill()
+        dm.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{p}") for p in reapers + hosts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in reapers + hosts if os.path.exists(f"/proc/{p}")], "hosts outlived the Device Manager"
+        before = len(dm.audit())
+        dm._log.close()
+        dm.start()                                  # the stale socket is reused, the chain goes on
+        count = len(served)
+        deadline = time.monotonic() + 30
+        while len(served) < count + 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(served) >= count + 100, "the load was not served again"
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+        dm.stop()
+    assert len(dm.audit()) > before
+    from reflector.cli import main
+    assert main(["--state-dir", str(dm.state), "audit", "verify"]) == 0
