@@ -4,6 +4,7 @@ gives, writes case files that replay, and leaves the other devices answering."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -18,8 +19,17 @@ from dm_harness import ROOT, DeviceManagerProcess, Hammer, reg_driver, reg_group
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
 TEST_DRIVERS = ROOT / "tests" / "drivers"
-sys.path.insert(0, str(TEST_DRIVERS))
-import fuzzme  # noqa: E402  -- only its constants: the driver itself runs in the host
+
+
+def _load(path: Path):
+    # By path, not through sys.path: tests/drivers holds modules named like others (echo, plain).
+    spec = importlib.util.spec_from_file_location(f"fuzz_test_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzzme = _load(TEST_DRIVERS / "fuzzme.py")      # only its constants: the driver itself runs in the host
 
 SEED = 1
 ITERATIONS = 300
