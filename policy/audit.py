@@ -123,6 +123,7 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
     "host.timeout": "a host did not answer within its ProcTimeout and was killed",
     "host.restarted": "a host was started again after a crash or timeout",
     "driver.quarantined": "a driver crashed more than RestartLimit times in RestartWindow and is not restarted",
+    "driver.failed": "a kernel-mode driver's module or init failed; its device is not loaded and answers ENODEV",
     "host.reclaimed": "what a dead host held went back (detail: interrupts, regions, DMA buffers and bytes, devices)",
     "host.limits": "a limit is enforced by a weaker stand-in here (detail: MemoryLimit by RLIMIT_AS, no cgroup, and why)",
     CHECKPOINT_EVENT: "written by the log: an Ed25519 signature over the seq and hash of the record before it",

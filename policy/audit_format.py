@@ -49,7 +49,7 @@ RESERVED_PREFIX = "audit."
 
 # fsync'd and signed (in the head) before ``record`` returns: losing one of these to a power cut
 # would hide an attack, and ``verify`` may therefore insist that a signature covers each of them.
-URGENT_EVENTS = frozenset({"host.crashed", "driver.quarantined", "policy.rejected", RECOVERED_EVENT})
+URGENT_EVENTS = frozenset({"host.crashed", "driver.quarantined", "driver.failed", "policy.rejected", RECOVERED_EVENT})
 URGENT_SUFFIXES = (".denied", ".violation")
 
 EVENT_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from hosts.dispatch import LoadError
 from policy import acceptance as acceptance_mod
 from policy.audit import FOLDED_EVENTS, AuditError, AuditLog
 from policy.derive import derive_one
@@ -58,13 +59,13 @@ def builtin_driver_dir() -> Path:
 
 
 class RejectedDevice(Device):
-    """A driver whose policy was refused: listed, never loaded, every open answers ENODEV."""
+    """A driver that is not loaded -- its policy was refused, or (kernel mode) its module or its
+    ``init`` failed: listed, never served, every open answers ENODEV."""
 
-    mode = "user"
-
-    def __init__(self, entry, module_path, audit, reason: str):
+    def __init__(self, entry, module_path, audit, reason: str, mode: str = "user"):
         super().__init__(entry, None, module_path, audit)
         self.reason = reason
+        self.mode = mode
 
     @property
     def state(self) -> str:
@@ -159,7 +160,17 @@ class DeviceManager:
                     log.error("%s: %s", entry.key_path, exc)
                     self.devices[entry.name.casefold()] = RejectedDevice(entry, module, self.audit, str(exc))
                     continue
-                self.devices[entry.name.casefold()] = self._load_kernel(entry, module, document)
+                try:
+                    self.devices[entry.name.casefold()] = self._load_kernel(entry, module, document)
+                except LoadError as exc:
+                    # In our own process, so nothing to restart: the device is listed as not
+                    # loaded, answers ENODEV, and the other drivers load on.
+                    log.error("%s (%s): %s", entry.name, entry.key_path, exc.message)
+                    self.audit.record("driver.failed", device=entry.name, driver=entry.dll,
+                                      detail={"mode": "kernel", "errno": errno.errorcode.get(exc.errno, exc.errno),
+                                              "detail": exc.message, "key": entry.key_path})
+                    self.devices[entry.name.casefold()] = RejectedDevice(entry, module, self.audit, "load-failed",
+                                                                         mode="kernel")
                 continue
             policy = accepted.accepted.get(entry.key_path)
             if policy is None:

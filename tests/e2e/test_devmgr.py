@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from dm_harness import DeviceManagerProcess, Hammer, reg_driver, reg_group
+from dm_harness import ROOT, TEST_DRIVERS, DeviceManagerProcess, Hammer, reg_driver, reg_group
 
 pytestmark = [pytest.mark.needs_sandbox, pytest.mark.slow]
 
@@ -138,6 +138,29 @@ def test_policy_rejected_device_answers_enodev(start_dm, tmp_path):
         assert rejected[0]["device"] == "FLT1:"
     finally:
         dm.stop()
+
+
+def test_a_kernel_mode_driver_that_fails_to_load_is_listed_and_the_others_load(start_dm):
+    # In the Device Manager's own process there is no host to restart: a module that does not
+    # import or an init that fails leaves its device not loaded (ENODEV), audited, and nothing else.
+    registry = (reg_driver("Broken", "BRK", "init_fails.dll", user=False, group=None)
+                + reg_driver("NoImport", "NIM", "import_fails.dll", user=False, group=None, order=2)
+                + reg_driver("Steady", "OKY", user=False, group=None, order=3, extra=ALLOW))
+    dm = start_dm(registry, driver_dirs=(TEST_DRIVERS, ROOT / "tests" / "drivers"))
+    with dm.client() as c:
+        devices = {d["name"]: d for d in c.devices()["devices"]}
+        assert {n: (d["state"], d["mode"]) for n, d in devices.items()} == {
+            "BRK1:": ("rejected", "kernel"), "NIM1:": ("rejected", "kernel"), "OKY1:": ("running", "kernel")}
+        for name in ("BRK1:", "NIM1:"):
+            with pytest.raises(OSError) as exc:
+                c.open(name)
+            assert exc.value.errno == errno.ENODEV
+        with c.open("OKY1:") as h:
+            assert h.ioctl(ECHO, b"x", 1) == b"x"
+    failed = {r["device"]: r["detail"] for r in dm.wait_audit("driver.failed", count=2)}
+    assert failed["BRK1:"]["errno"] == "ENXIO" and "init failed" in failed["BRK1:"]["detail"]
+    assert failed["NIM1:"]["errno"] == "ENOEXEC" and "cannot be imported" in failed["NIM1:"]["detail"]
+    assert "Traceback" not in dm.log()
 
 
 def test_trusted_caller_only_and_allow_users(start_dm):
