@@ -15,7 +15,9 @@ becomes an output.
 
 Registry values (of the driver key): ``MemBase`` (dword, required), ``Irq`` (dword; without it
 ``IOCTL_GPIO_WAIT_EDGES`` fails with ``ENOTSUP``), ``Directions`` (dword, initial direction mask,
-1 = output, default 0).
+1 = output, default 0), ``MaxWaitMs`` (dword, the longest ``IOCTL_GPIO_WAIT_EDGES`` waits, default
+``MAX_WAIT_MS``).  Keep ``MaxWaitMs`` well below the group's ``ProcTimeout``: a request that outlives
+it gets the host killed, and with it every driver the host holds.
 
 Stream interface: ``read`` of at least 4 bytes returns the pin levels as ``<I``; nothing else.
 
@@ -37,7 +39,9 @@ code                           value       input                        output
 ``IOCTL_GPIO_SET_DIRECTION`` changes only the pins in ``mask``, each to its bit in ``directions``.
 ``IOCTL_GPIO_WAIT_EDGES`` enables edge detection for the given pins (rising on the first mask,
 falling on the second), forgets edges latched before, and waits on the interrupt up to the
-timeout (at most ``MAX_WAIT_MS``) for one of them; one waiter at a time.
+timeout (cut to ``MaxWaitMs``; a caller wanting longer asks again) for one of them.  One waiter at
+a time: a second one fails at once with ``EBUSY`` rather than queue behind the first, since waits
+queued one after another would add up past the host's timeout.
 """
 
 import errno
@@ -57,7 +61,7 @@ IOCTL_GPIO_WAIT_EDGES = ctl_code(FILE_DEVICE_VENDOR, FUNCTION_VENDOR + 5)
 
 PINS = 32
 ALL = (1 << PINS) - 1
-MAX_WAIT_MS = 60_000
+MAX_WAIT_MS = 1_000          # default of MaxWaitMs; a client's wait must never reach ProcTimeout
 FENCE_TIMEOUT_S = 2.0
 
 # Registers (reflector/simhw/gpio.py).
@@ -76,6 +80,7 @@ class Driver(StreamDriver):
         self.regs = ctx.kernel.map_io_space(registry_dword(ctx, "MemBase"), REG_SPAN)
         irq = ctx.registry.get("Irq")
         self.intr = ctx.kernel.interrupt(registry_dword(ctx, "Irq")) if irq is not None else None
+        self.max_wait_ms = registry_dword(ctx, "MaxWaitMs", MAX_WAIT_MS)
         with self.lock:
             self._write(DIR, registry_dword(ctx, "Directions", 0) & ALL)
 
@@ -143,14 +148,16 @@ class Driver(StreamDriver):
             rising, falling, timeout_ms = unpack_in(inbuf, "<III")
             if len(outbuf) < 4:
                 raise DriverError(errno.ENOBUFS, "IOCTL_GPIO_WAIT_EDGES answers 4 bytes")
-            return pack_out(outbuf, "<I", self._wait_edges(rising, falling, min(timeout_ms, MAX_WAIT_MS) / 1000))
+            return pack_out(outbuf, "<I", self._wait_edges(rising, falling, min(timeout_ms, self.max_wait_ms) / 1000))
         raise DriverError(errno.ENOTTY, f"unknown IOCTL {code:#010x}")
 
     def _wait_edges(self, rising, falling, timeout):
         if self.intr is None:
             raise DriverError(errno.ENOTSUP, f"{self.device}: no Irq in the registry, so no edge interrupts")
         wanted = rising | falling
-        with self.waiting:
+        if not self.waiting.acquire(blocking=False):
+            raise DriverError(errno.EBUSY, f"{self.device}: another client is waiting for edges")
+        try:
             with self.lock:
                 self._write(RISE_EN, rising)
                 self._write(FALL_EN, falling)
@@ -166,3 +173,5 @@ class Driver(StreamDriver):
                     self.intr.done()
                 if latched & wanted or remaining <= 0:
                     return latched & wanted
+        finally:
+            self.waiting.release()

@@ -15,6 +15,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -673,6 +674,37 @@ def test_gpio_waits_for_an_edge_by_interrupt(load, kernel_mode):
         timer.join()
     bank.set_input(7, 0)                                                         # a falling edge, not asked for
     assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 7, 0, 0)) == (0, u32(0))
+
+
+def test_gpio_wait_is_cut_to_max_wait(load, kernel_mode):
+    # A client asking for an hour must not hold a request past the host's ProcTimeout: the host,
+    # and every driver in it, would be killed.
+    d, h, _ = load("GIO1:", MaxWaitMs=20)
+    assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 6, 0, 3_600_000)) == (0, u32(0))
+
+
+def test_gpio_second_waiter_is_busy_rather_than_queued(load, kernel_mode):
+    # Waits queued one after another would add up past the host's timeout.
+    bank = kernel_mode[0].platform.device("GPIO1")
+    d, h, _ = load("GIO1:", MaxWaitMs=600_000)
+    first = []
+    waiter = threading.Thread(target=lambda: first.append(
+        ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 6, 0, 600_000))))
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not d.driver.waiting.locked() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert ioctl(d, h, gpio_drv.IOCTL_GPIO_WAIT_EDGES, struct.pack("<III", 1 << 6, 0, 0))[0] == errno.EBUSY
+    finally:
+        # The edge the first waiter waits for, again until it sees one: it may not have enabled
+        # edge detection yet when the first comes.
+        deadline = time.monotonic() + 10
+        while waiter.is_alive() and time.monotonic() < deadline:
+            bank.set_input(6, 0)
+            bank.set_input(6, 1)
+            waiter.join(0.01)
+    assert first == [(0, u32(1 << 6))]
 
 
 def kernel_driver(platform, text: str, name: str):
