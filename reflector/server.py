@@ -56,16 +56,29 @@ class Caller:
     groups: tuple[int, ...]
 
 
+# Linux 4.13's SO_PEERGROUPS (not in Python's socket module): the supplementary groups of the
+# peer as they were when it called connect(), as SO_PEERCRED's uid and gid are.
+SO_PEERGROUPS = 59
+# CPython's getsockopt takes at most 1024 bytes: 256 groups.
+_PEERGROUPS_BYTES = 1024
+
+
 def _peer(sock: socket.socket) -> Caller:
+    """Who is at the other end, as of its connect(): pid, uid, gid and supplementary groups.
+
+    Never read from /proc/<pid>: by the time we look, that pid may be another process (the
+    caller exited and the pid was reused) whose groups would then open devices for the caller.
+    A caller in more groups than we can read is judged by its primary group alone -- AllowGroups
+    may refuse it, never grant it more."""
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     groups: tuple[int, ...] = (gid,)
-    try:       # supplementary groups are not in SO_PEERCRED; /proc is the best we can do
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    groups = tuple(sorted({gid, *map(int, line.split()[1:])}))
-    except (OSError, ValueError):
-        pass
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _PEERGROUPS_BYTES)
+    except OSError as exc:
+        log.warning("client pid %d uid %d: its supplementary groups cannot be read (%s); only its "
+                    "primary group %d counts for AllowGroups", pid, uid, exc.strerror or exc, gid)
+    else:
+        groups = tuple(sorted({gid, *struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4])}))
     return Caller(pid, uid, gid, groups)
 
 
