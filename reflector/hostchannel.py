@@ -165,6 +165,7 @@ class HostChannel:
         self._killed_for: str | None = None
         self._killed = False
         self.blamed_drivers: set[int] = set()
+        self._blamed_before_death: set[int] = set()   # drivers whose request we gave up on
         self.adopted = False          # set by the group once the host serves; before that, a death is a failed start
         self._frames = _TokenBucket(FRAME_RATE_LIMIT)
         self._logs = _TokenBucket(LOG_RATE_LIMIT)
@@ -478,6 +479,11 @@ class HostChannel:
         finally:
             self.kill()
 
+    def blame(self, driver_id: int) -> None:
+        """Name a driver whose request timed out, before killing the host for it: that request
+        is no longer pending when the host dies, and the death is still its doing."""
+        self._blamed_before_death.add(driver_id)
+
     def kill(self) -> None:
         """Kill the host; the reader thread notices and cleans up."""
         self._killed = True
@@ -499,7 +505,7 @@ class HostChannel:
             lane.sock.close()
         # Drivers with requests in flight when the host went down: a pooled driver that is
         # always among them is the one crashing its host (see HostGroup).
-        self.blamed_drivers = {p.driver_id for p in pending} | on_lanes
+        self.blamed_drivers = {p.driver_id for p in pending} | on_lanes | self._blamed_before_death
         # The group learns first, so that nobody who hears of the failure finds it "running".
         try:
             self._on_dead(self)

@@ -209,7 +209,7 @@ class HostGroup:
                           detail={"devices": [d.name for d in self.devices], "pid": sandboxed.pid,
                                   "start_ms": round((time.monotonic() - t0) * 1000, 1),
                                   "confinement": _confinement_summary(getattr(sandboxed, "confinement", None))})
-        log.info("group %d: host pid %d serving %s", self.gid, sandboxed.pid, ", ".join(d.name for d in self.devices))
+        log.info("group %d: host pid %d serving %s", self.gid, sandboxed.inner_pid, ", ".join(d.name for d in self.devices))
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -243,6 +243,7 @@ class HostGroup:
             self.audit.record("host.timeout", device=device.name, driver=device.entry.dll, group=self.gid,
                               pid=channel.sandboxed.inner_pid,
                               detail={"op": op.name, "timeout_ms": self.settings.timeout_ms})
+            channel.blame(device.driver_id)
             channel.kill()
             raise _fail(errno.ETIMEDOUT, f"{device.name} did not answer {op.name} within {self.settings.timeout_ms} ms")
         except HostGone:
@@ -425,7 +426,9 @@ class HostGroup:
                           detail={"restarts": self.restarts, "ms": round((time.monotonic() - t0) * 1000, 1)})
 
     def _record(self, event: str, **fields) -> None:
-        """Audit from a restart thread: a failing audit log is logged, and the thread goes on."""
+        """Audit from a restart thread.  A failing audit log has already stopped the Device
+        Manager (its on_failure: fail closed); here the thread only logs it and ends its work
+        without a traceback."""
         try:
             self.audit.record(event, **fields)
         except Exception as exc:
@@ -478,8 +481,10 @@ class HostGroup:
         cannot be read (never a false 0); ``cgroup_memory`` what its memory cgroup is charged, when it
         has one (a group with a MemoryLimit, where a cgroup can be had)."""
         channel = self.channel
-        pid = channel.sandboxed.pid if channel else None
-        return {"group": self.gid, "pid": pid, "state": self.state,
+        # The host itself (what `kill -STOP` should reach, as in the audit records), not the
+        # sandbox's reaper that waits for it outside its pid namespace (reaper_pid).
+        return {"group": self.gid, "pid": channel.sandboxed.inner_pid if channel else None,
+                "reaper_pid": channel.sandboxed.pid if channel else None, "state": self.state,
                 "uptime": round(time.monotonic() - self.started_at, 3) if channel else 0,
                 "pss": _pss(channel.sandboxed.inner_pid) if channel else None,
                 "cgroup_memory": _cgroup_memory(channel.sandboxed.confinement) if channel else None,

@@ -253,14 +253,6 @@ def _two_user_hosts() -> str:
             + reg_group(1, timeout_ms=1500) + reg_group(2))
 
 
-def _host_of(reaper_pid: int) -> int:
-    """The sandboxed host itself: `drvbox ls` names its reaper, whose only child it is."""
-    with open(f"/proc/{reaper_pid}/task/{reaper_pid}/children") as f:
-        children = f.read().split()
-    assert len(children) == 1, children
-    return int(children[0])
-
-
 def _stopped(pid: int) -> bool:
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/stat") as f:
@@ -274,10 +266,9 @@ def test_a_stopped_host_times_out_and_is_restarted(tmp_path):
     dm = DeviceManagerProcess(tmp_path, _two_user_hosts()).start()
     try:
         with dm.client() as c:
-            reaper = next(h["pid"] for h in c.devices()["hosts"] if h["group"] == 1)
+            host = next(h["pid"] for h in c.devices()["hosts"] if h["group"] == 1)    # the host itself
         with dm.client() as c:
             h = c.open("FLT1:")
-            host = _host_of(reaper)
             os.kill(host, signal.SIGSTOP)
             # The signal is delivered asynchronously: wait until every thread of the host is stopped.
             deadline = time.monotonic() + 10
@@ -288,6 +279,8 @@ def test_a_stopped_host_times_out_and_is_restarted(tmp_path):
                 h.ioctl(ECHO, b"x", 1)
             assert exc.value.errno == errno.ETIMEDOUT
         dm.wait_audit("host.timeout", group=1)
+        # The request it was killed for is no longer pending when it dies; it is still named.
+        assert dm.wait_audit("host.crashed", group=1)[-1]["detail"]["in_flight"] == ["FLT1:"]
         dm.wait_audit("host.restarted", group=1)
         with dm.client() as c, c.open("FLT1:") as h, c.open("OKY1:") as o:
             assert h.ioctl(ECHO, b"back", 4) == b"back"
@@ -321,8 +314,10 @@ def test_sigkill_under_load_then_start_again_the_chain_goes_on(tmp_path):
         deadline = time.monotonic() + 30
         while len(served) < 200 and time.monotonic() < deadline:
             time.sleep(0.01)
-        reapers = dm.host_pids()
-        hosts = [_host_of(p) for p in reapers]
+        with dm.client() as c:
+            listed = c.devices()["hosts"]
+        hosts = [h["pid"] for h in listed if h["pid"]]
+        reapers = [h["reaper_pid"] for h in listed if h["reaper_pid"]]
         dm.proc.kill()
         dm.proc.wait()
         deadline = time.monotonic() + 10
