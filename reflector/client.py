@@ -174,8 +174,14 @@ class DeviceManager:
 
     def devices(self) -> dict:
         """What `drvbox ls --json` prints: {"devices": [...], "hosts": [...]}."""
-        _, tail = self._call(cw.Op.LIST)
-        return json.loads(tail)
+        total, piece = self._call(cw.Op.LIST)
+        listing = bytearray(piece)
+        while len(listing) < total:
+            _, piece = self._call(cw.Op.LIST, tail=cw.LIST_OFFSET.pack(len(listing)))
+            if not piece:
+                raise cw.ClientProtocolError(f"listing ends at {len(listing)} of its {total} bytes")
+            listing += piece
+        return json.loads(listing)
 
     def restart(self, name: str) -> None:
         self._call(cw.Op.RESTART, tail=name.encode())

@@ -50,12 +50,16 @@ class Op(enum.IntEnum):
     WRITE = 4         # length, shm_off; tail: data unless FLAG_SHM -> value: bytes written
     SEEK = 5          # offset, whence -> value: position
     IOCTL = 6         # code, in_len, in_off, out_len, out_off; tail: input unless FLAG_SHM
-    LIST = 7          # -> tail: JSON of `drvbox ls`
+    LIST = 7          # tail: nothing, or <Q offset to go on -> value: its length; tail: JSON of `drvbox ls` from there
     RESTART = 8       # tail: device name
     SHM_ATTACH = 9    # size; SCM_RIGHTS: a memfd sealed against shrinking; the slot in flags
     HW = 10           # tail: JSON command for the simulated hardware -> tail: JSON answer
     REPLY = 64
 
+
+# A listing longer than one reply comes in pieces: the first LIST (no tail) takes a snapshot and
+# answers with its length and first piece, each further LIST names the offset to go on from.
+LIST_OFFSET = struct.Struct("<Q")
 
 _HEADER = "<BBHII"
 BODIES = {

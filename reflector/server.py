@@ -278,6 +278,7 @@ class _Session:
         # Per slot (clientwire.shm_flags): the client's attached memory and a view of it, or None.
         self.shm: list[mmap.mmap | None] = [None] * cw.SHM_SLOTS
         self.shm_view: list[memoryview | None] = [None] * cw.SHM_SLOTS
+        self.listing: bytes | None = None        # the last LIST's snapshot, served in pieces
 
     def run(self) -> None:
         conn, handlers, encode_reply = self.conn, self._HANDLERS, cw.encode_reply
@@ -333,7 +334,18 @@ class _Session:
         return self._open(req), b""
 
     def _op_list(self, req: cw.Request, fds) -> tuple[int, bytes]:
-        return 0, json.dumps(self.dm.describe()).encode()
+        # One snapshot per listing, served in pieces of MAX_INLINE: a listing of many devices
+        # does not fit one message, and pieces of different snapshots would not make one JSON.
+        if not req.tail:
+            self.listing = json.dumps(self.dm.describe()).encode()
+            offset = 0
+        elif len(req.tail) == cw.LIST_OFFSET.size and self.listing is not None:
+            (offset,) = cw.LIST_OFFSET.unpack(req.tail)
+            if offset > len(self.listing):
+                raise OSError(errno.EINVAL, f"listing offset {offset} is past its end ({len(self.listing)})")
+        else:
+            raise OSError(errno.EINVAL, "LIST takes no tail, or an 8-byte offset into the listing it started")
+        return len(self.listing), self.listing[offset:offset + cw.MAX_INLINE]
 
     def _op_restart(self, req: cw.Request, fds) -> tuple[int, bytes]:
         self._require_owner("restart")

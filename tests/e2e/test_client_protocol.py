@@ -4,6 +4,7 @@ test independent of the sandbox, so these run wherever Python runs."""
 from __future__ import annotations
 
 import array
+import json
 import errno
 import mmap
 import os
@@ -95,3 +96,30 @@ def test_bad_device_names_are_einval(dm):
         with pytest.raises(OSError) as exc:
             c.open("\x00" * 3)
         assert exc.value.errno == errno.EINVAL
+
+
+def test_a_listing_larger_than_one_message_comes_whole(tmp_path):
+    # 400 devices list as ~90 KB of JSON, more than a reply carries: it comes in pieces of one
+    # snapshot, and a piece asked for out of turn is refused.
+    names = [(f"L{chr(65 + i // 10 // 26)}{chr(65 + i // 10 % 26)}", i % 10) for i in range(400)]  # LAA0: ..
+    registry = "".join(reg_driver(f"Loop{i}", prefix, user=False, group=None, order=i, extra=ALLOW)
+                       .replace('"Index"=dword:1', f'"Index"=dword:{index}') for i, (prefix, index) in enumerate(names))
+    dm = DeviceManagerProcess(tmp_path, registry).start()
+    try:
+        with dm.client() as c:
+            listing = c.devices()
+            assert len(json.dumps(listing)) > cw.MAX_INLINE
+            assert sorted(d["name"] for d in listing["devices"]) == sorted(f"{p}{i}:" for p, i in names)
+            with c.open("%s%d:" % names[-1]) as h:
+                assert h.ioctl(0x00220000, b"x", 1) == b"x"
+        with raw(dm) as s:
+            s.send(cw.encode_request(cw.Op.LIST, 1, 0, tail=cw.LIST_OFFSET.pack(10)))
+            _, status, _, why = cw.decode_reply(s.recv(cw.MAX_MESSAGE))
+            assert status == errno.EINVAL, why
+            s.send(cw.encode_request(cw.Op.LIST, 2, 0))
+            _, status, total, first = cw.decode_reply(s.recv(cw.MAX_MESSAGE))
+            assert status == 0 and len(first) == cw.MAX_INLINE < total
+            s.send(cw.encode_request(cw.Op.LIST, 3, 0, tail=cw.LIST_OFFSET.pack(total + 1)))
+            assert cw.decode_reply(s.recv(cw.MAX_MESSAGE))[1] == errno.EINVAL
+    finally:
+        assert dm.stop() == 0
