@@ -107,3 +107,27 @@ def stats(path: Path) -> dict:
     return {"records": records, "unreadable": unreadable,
             "events": dict(sorted(events.items())), "devices": dict(sorted(devices.items())),
             "first": first, "last": last}
+
+
+def read_from(path: Path, offset: int) -> tuple[list[Line], int]:
+    """The complete lines of the log from byte ``offset`` on, parsed as ``iter_lines`` parses
+    them, and the offset to go on from next time.
+
+    For a reader that follows the log while the Device Manager writes it (``drvbox fuzz``): a last
+    line without its newline is a record still being written, not a cut one, so it is left for the
+    next call instead of being reported.  ``number`` counts from 1 at ``offset``.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]
+    lines = []
+    for number, raw in enumerate(complete.split(b"\n")[:-1], 1):
+        try:
+            rec = json.loads(raw)
+        except ValueError as exc:
+            lines.append(Line(number, None, f"not valid JSON ({exc})"))
+            continue
+        problem = check_shape(rec)
+        lines.append(Line(number, None if problem else rec, problem))
+    return lines, offset + len(complete)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from policy.audit_query import read_from
 from reflector.fuzz import FuzzStop, Op, UsageError
 
 CASE_FORMAT = "drvbox.fuzz-case/1"
@@ -57,19 +58,19 @@ class Evidence:
 
 
 class AuditTail:
-    """Reads the audit log's records as they are appended, from where it stood when opened.
+    """Follows the audit log from where it stood when opened, keeping the records about hosts.
 
     The fuzzer only wants records about its own failures, which come after it started; reading
     from the end also keeps each look short however long the log is.  A record is handed out once
-    (``take``), so that two findings never claim the same crash.  The chain is not verified here:
-    `drvbox audit verify` does that; a line that is not JSON is skipped.
+    (``take``), so that two findings never claim the same crash.  Parsing is
+    ``policy.audit_query``'s, as for `drvbox audit show`; the chain is not verified here
+    (`drvbox audit verify` does that), and a line that is not a record is skipped.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.problem: str | None = None
         self._pending: list[dict] = []
-        self._partial = b""
         try:
             self._pos = os.stat(self.path).st_size
         except OSError as exc:
@@ -79,23 +80,13 @@ class AuditTail:
 
     def _poll(self) -> None:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self._pos)
-                chunk = f.read()
+            lines, self._pos = read_from(self.path, self._pos)
         except OSError as exc:
             self.problem = self.problem or f"cannot read the audit log {self.path} ({exc.strerror})"
             return
         self.problem = None
-        self._pos += len(chunk)
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for raw in lines:
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("event") in HOST_EVENTS:
-                self._pending.append(rec)
+        self._pending += [line.record for line in lines
+                          if line.record is not None and line.record["event"] in HOST_EVENTS]
 
     def take(self, match, deadline: float) -> dict | None:
         """The first unclaimed record for which ``match(rec)`` is true, waiting until ``deadline``

@@ -122,7 +122,10 @@ def test_bad_case_files_are_refused_with_the_place(tmp_path, content, message):
 
 
 def _record(event, group=1, **detail):
-    return json.dumps({"event": event, "group": group, "device": None, "detail": detail}) + "\n"
+    # Shaped as the Device Manager writes them: the tail drops lines that are not records.
+    return json.dumps({"seq": 1, "time": "2026-01-01T00:00:00+00:00", "event": event, "device": None,
+                       "driver": None, "group": group, "pid": None, "detail": detail,
+                       "prev": "0" * 64, "hash": "0" * 64}) + "\n"
 
 
 def test_audit_tail_sees_only_new_records_once_each(tmp_path):
@@ -134,14 +137,16 @@ def test_audit_tail_sees_only_new_records_once_each(tmp_path):
         f.write(_record("host.crashed", group=2, signal=11))              # another group's
         f.write(_record("buffer.violation", offset=1))
         f.write(_record("host.crashed", exit_code=None, signal=9, killed_for="buffer.violation"))
-        f.write('{"event": "host.crashed", "gro')                         # half written: later
+        f.write('{"event": "host.crashed", "group": 1, "detail": {"signal": 4}}\n')   # not a record: skipped
+        rest = _record("host.crashed", exit_code=7, signal=None)
+        f.write(rest[:40])                                                # half written: later
     ev = tail.evidence("FZZ1:", {1}, hang=False, wait_s=0)
     assert (ev.signal, ev.status, ev.violation) == (9, None, "buffer.violation")
     assert [r["event"] for r in ev.records] == ["buffer.violation", "host.crashed"]
     missing = tail.evidence("FZZ1:", {1}, hang=False, wait_s=0)           # claimed already
     assert missing.signal is None and "no host.crashed record" in missing.note
     with open(log, "a") as f:
-        f.write('up": 1, "device": null, "detail": {"exit_code": 7, "signal": null}}\n')
+        f.write(rest[40:])
     assert tail.evidence("FZZ1:", {1}, hang=False, wait_s=0).status == 7
 
 
