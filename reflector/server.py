@@ -420,7 +420,8 @@ class _Session:
         if device is None:
             raise OSError(errno.ENODEV, f"no device {name!r}; `drvbox ls` lists them")
         if device.policy is None:
-            raise OSError(errno.ENODEV, f"{name} is not loaded: its policy was rejected (see `drvbox audit show --event policy.rejected`)")
+            why = getattr(device, "reason", None) or "rejected"
+            raise OSError(errno.ENODEV, f"{name} is not loaded ({why}); `drvbox audit show --device {name}` says why")
         verdict = decisions.may_open(device.policy, self.caller.uid, self.caller.groups, self.dm.owner_uid)
         if not verdict:
             self.dm.audit.record("client.denied", device=name, driver=device.entry.dll, group=device.entry.group,
