@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shlex
 import sys
+import time
 from pathlib import Path
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_USAGE, EXIT_DIFFERENT = 0, 1, 2, 3
+MAX_IO_LIMIT = 1 << 30        # the policy schema's largest max_io_size: buffers live in the host's arena
 
 DESCRIPTION = """\
 Fuzz DEV, a device of a running Device Manager, through the real sandboxed path (the client
@@ -29,10 +32,23 @@ was opened up to the failing one, and `drvbox fuzz DEV --replay CASE` does them 
 summary; every case is already on disk.  See docs/fuzzing.md."""
 
 EPILOG = """\
-exit status: 0 no finding; 1 findings (with --replay: the case reproduces); 2 usage error, or the
-Device Manager or device could not be reached; 3 (--replay only) the case fails, but differently
-from what it records.  Kinds: crash, hang, buffer.violation, protocol.violation, died-between,
-not-refused, dm-closed, dm-gone."""
+findings (kinds): crash (the host died: signal or exit status from the audit log), hang (no answer
+within ProcTimeout), buffer.violation / protocol.violation (the host broke the protocol and was
+killed), died-between (the host died between our requests), not-refused (a code outside the
+policy's allowlist reached the driver), dm-closed / dm-gone (the Device Manager dropped us / went
+away).  An errno the driver chose (EINVAL, ENOTTY, ...) is not a finding; neither is EACCES or
+EMSGSIZE, the policy refusing a code or a size.
+
+exit status: 0 no finding (an interrupted run too); 1 findings (with --replay: the case
+reproduces); 2 usage error, or the Device Manager or device could not be reached, or the run
+stopped before any finding (with --replay: the replay could not run); 3 (--replay only) the case
+fails, but differently from what it records.
+
+examples:
+  drvbox fuzz COM1: --time 300                 codes from COM1:'s policy, random seed (printed)
+  drvbox fuzz MYD1: --policy pol/ --seed 7 -n 5000 --json
+  drvbox fuzz MYD1: --codes 0x00220000-0x0022003C --max-io 4096
+  drvbox fuzz MYD1: --replay <state dir>/fuzz/MYD1-.../case-001-crash-ioctl-00220008.json"""
 
 
 def register(sub) -> None:
@@ -47,8 +63,8 @@ def register(sub) -> None:
     p.add_argument("--codes", metavar="LIST", help="IOCTL codes and ranges to fuzz: 0x00220000,0x00220010-0x0022001C")
     p.add_argument("--policy", type=Path, metavar="FILE|DIR",
                    help="read DEV's IoctlAllow and MaxIoSize from this policy (or directory of policies)")
-    p.add_argument("--max-io", type=_count, default=None, metavar="BYTES",
-                   help="MaxIoSize to aim buffer sizes at (default: the policy's, else 1 MiB)")
+    p.add_argument("--max-io", type=_max_io, default=None, metavar="BYTES",
+                   help="MaxIoSize to aim buffer sizes at (default: the policy's, else 1 MiB; at most 1 GiB)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="where case files and summary.json go")
     p.add_argument("--replay", type=Path, default=None, metavar="CASE", help="replay one case file and say "
                    "whether it still reproduces (exit status 1 if it does, 0 if not)")
@@ -82,13 +98,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
+def _max_io(text: str) -> int:
     try:
         value = int(text, 0)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a byte count")
+    if not 0 <= value <= MAX_IO_LIMIT:
+        # Buffers up to one past it are built in memory: an unbounded value would exhaust ours.
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a byte count from 0 to {MAX_IO_LIMIT} (1 GiB, the "
+                                         f"largest MaxIoSize a policy may hold)")
     return value
 
 
@@ -102,71 +120,126 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _note(text: str) -> None:
-    print(f"drvbox fuzz: {text}", file=sys.stderr, flush=True)
+class Stderr:
+    """Notes and the progress line, on stderr.
+
+    On a terminal the progress line is redrawn in place, and a note first clears it.  Otherwise
+    (a log file, a CI job) each progress line stays, so it comes at most every ``quiet_s``
+    seconds: a one-hour run leaves a readable log, not 3600 lines."""
+
+    def __init__(self, stream=None, clock=time.monotonic, quiet_s: float = 5.0):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.clock, self.quiet_s = clock, quiet_s
+        self._last: float | None = None
+        self._drawn = False
+
+    def note(self, text: str) -> None:
+        self._clear()
+        print(f"drvbox fuzz: {text}", file=self.stream, flush=True)
+
+    def progress(self, text: str) -> None:
+        if self.tty:
+            self.stream.write(f"\r{text}\x1b[K")
+            self.stream.flush()
+            self._drawn = True
+            return
+        now = self.clock()
+        if self._last is None or now - self._last >= self.quiet_s:
+            self._last = now
+            print(text, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        """The run is over: the summary must not land on the progress line."""
+        self._clear()
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
 
 
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _target(args):
-    from reflector.fuzz import DEFAULT_MAX_IO, parse_codes, target_from_policy
+def _target(args, device: str):
+    from reflector.fuzz import DEFAULT_MAX_IO, UsageError, parse_codes, target_from_policy
     if args.codes:
         return parse_codes(args.codes, args.max_io if args.max_io is not None else DEFAULT_MAX_IO)
-    places = [args.policy] if args.policy else [args.state_dir / "builtin" / "policies"]
-    for place in places:
-        if place.exists():
-            target = target_from_policy(place, args.device)
-            if target is not None:
-                if args.max_io is not None:
-                    from dataclasses import replace
-                    target = replace(target, max_io=args.max_io)
-                return target
-    from reflector.fuzz import UsageError
-    raise UsageError(f"no policy for {args.device} in {', '.join(map(str, places))}: give the codes to fuzz "
-                     f"with --codes 0x...,0x...-0x..., or the policy with --policy FILE|DIR (the directory "
-                     f"given to `drvbox run --policies`)")
+    if args.policy is not None and not args.policy.exists():
+        raise UsageError(f"--policy {args.policy}: no such file or directory; give the policy file of {device} "
+                         f"or the directory given to `drvbox run --policies`")
+    place = args.policy or args.state_dir / "builtin" / "policies"
+    target = target_from_policy(place, device) if place.exists() else None
+    if target is None:
+        where = f"{place}" if args.policy else f"{place} (the built-in platform's; --policy for others)"
+        raise UsageError(f"no policy of {device} in {where}: give the policy with --policy FILE|DIR (the "
+                         f"directory given to `drvbox run --policies`), or the codes to fuzz with --codes "
+                         f"0x...,0x...-0x...")
+    if args.max_io is not None:
+        from dataclasses import replace
+        target = replace(target, max_io=args.max_io)
+    return target
+
+
+def _again(args, device: str, seed: int) -> str:
+    """The command that makes the same operations again (the seed, the codes, the bounds)."""
+    words = ["drvbox", "fuzz", device, "--seed", str(seed)]
+    for flag, value in (("--codes", args.codes), ("--policy", args.policy), ("--max-io", args.max_io),
+                        ("--iterations", args.iterations), ("--time", args.time)):
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(words)
 
 
 def fuzz(args) -> int:
-    from reflector.fuzz import UsageError
-    from reflector.fuzz_run import Options
+    from reflector.fuzz import FuzzStop, UsageError
+    from reflector.fuzz_run import Options, resolve_device, run
+    err = Stderr()
     opts = Options(socket=args.socket, device=args.device, state_dir=args.state_dir, seed=0,
                    out_dir=args.out, restart_wait_s=args.restart_wait, audit_wait_s=args.audit_wait,
-                   kernel_ok=args.kernel_mode_ok, say=_note, progress=_progress)
+                   kernel_ok=args.kernel_mode_ok, say=err.note, progress=err.progress)
     try:
         if args.replay is not None:
-            return _replay(args, opts)
-        target = _target(args)
-    except UsageError as exc:
-        _note(str(exc))
+            return _replay(args, opts, err)
+        # The device first: a typo in DEV or a Device Manager that is not running is the problem
+        # to report, not the policy that could not be found for it.
+        opts.device = resolve_device(opts)
+        target = _target(args, opts.device)
+    except (UsageError, FuzzStop) as exc:
+        err.note(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.note("interrupted before the first operation")
         return EXIT_USAGE
     opts.seed = args.seed if args.seed is not None else secrets.randbits(32)
     opts.iterations, opts.seconds = args.iterations, args.time
     if args.iterations is None and args.time is None:
         opts.seconds = 60.0
-    _note(f"fuzzing {args.device} with seed {opts.seed} (codes from {target.source}; MaxIoSize {target.max_io}); "
-          f"again: drvbox fuzz {args.device} --seed {opts.seed}")
-    from reflector.fuzz_run import run
+    bound = (f"{opts.iterations} operations" if opts.seconds is None else f"{opts.seconds:g} s" if
+             opts.iterations is None else f"{opts.iterations} operations or {opts.seconds:g} s")
+    err.note(f"fuzzing {opts.device} for {bound} with seed {opts.seed} (codes from {target.source}; MaxIoSize "
+             f"{target.max_io}); the same operations again: {_again(args, opts.device, opts.seed)}")
     report = run(opts, target)
+    err.done()
+    if report.stopped and not report.iterations and not report.findings:
+        err.note(report.stopped)          # nothing ran: a table of zeros would only hide the reason
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
         _table(report)
     if report.stopped:
-        _note(report.stopped)
+        err.note(report.stopped)
         if not report.findings:
             return EXIT_USAGE
     return EXIT_FINDINGS if report.findings else EXIT_CLEAN
 
 
-def _replay(args, opts) -> int:
+def _replay(args, opts, err: Stderr) -> int:
     from reflector.fuzz_cases import load_case
     from reflector.fuzz_run import replay
     case = load_case(args.replay)
     if case.device and case.device.rstrip(":").casefold() != args.device.rstrip(":").casefold():
-        _note(f"{args.replay} was found on {case.device}; replaying it on {args.device} as asked")
+        err.note(f"{args.replay} was found on {case.device}; replaying it on {args.device} as asked")
     result = replay(opts, case)
     if args.json:
         print(json.dumps({"case": str(args.replay), "device": args.device, "reproduced": result.reproduced,
@@ -187,6 +260,7 @@ def _table(report) -> None:
     print(f"{report.device} {report.iterations} operations in {report.elapsed_s:.1f} s ({rate:.0f}/s), seed "
           f"{report.seed}{how}; {report.findings} findings in {len(report.buckets)} buckets; "
           f"{report.refused} refused by policy; {report.quarantines_lifted} quarantines lifted")
+    _where(report)
     if not report.buckets:
         return
     print()
@@ -198,6 +272,11 @@ def _table(report) -> None:
     for note in sorted(notes):
         print(f"  note: {note}")
     print(f"\nreplay one: drvbox fuzz {report.device} --replay CASE")
+
+
+def _where(report) -> None:
+    if report.out_dir:
+        print(f"summary.json{' and case files' if report.buckets else ''} in {report.out_dir}")
 
 
 def _dash(value) -> str:

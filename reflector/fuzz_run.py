@@ -153,7 +153,7 @@ class _Session:
         if handle is not None:
             try:
                 handle.close()
-            except OSError:
+            except (OSError, clientwire.ClientProtocolError):
                 pass          # a stale handle, or a connection already gone: either way it is closed
 
     def reconnect(self) -> None:
@@ -220,8 +220,14 @@ class _Session:
         else:
             self.open()
 
-    def close(self) -> None:
-        self.close_handle()
+    def close(self, abandon: bool = False) -> None:
+        """Close the handle, then the connection.  ``abandon``: a request was cut short (Ctrl-C) and
+        its reply may still be on the way, so the connection is out of step and no further request
+        is sent on it; the Device Manager closes a connection's handles when it goes."""
+        if abandon:
+            self.handle = None
+        else:
+            self.close_handle()
         if self.dm is not None:
             self.dm.close()
             self.dm = None
@@ -261,6 +267,21 @@ def _judge(session: _Session, tail: AuditTail, op: Op, exc: BaseException | None
         return Verdict("not-refused", Evidence(note=f"code {op.code:#010x} is outside {target.source}'s allowlist "
                                                      f"and was answered {_errname(code)}, not EACCES"))
     return Verdict(None)
+
+
+def resolve_device(opts: Options) -> str:
+    """The device's name as the Device Manager spells it (``com1`` -> ``COM1:``), after the same
+    checks a run makes first: the Device Manager answers, the device exists, is not kernel mode
+    (without ``kernel_ok``), and is loaded.  Done before the codes are looked up, so that a typo
+    in DEV or a Device Manager that is not running is what the user hears about."""
+    session = _Session(opts)
+    try:
+        session.connect()
+        return session.check_device()["name"]
+    except (ConnectionError, clientwire.ClientProtocolError) as exc:
+        raise FuzzStop(f"the Device Manager at {opts.socket} closed the connection ({exc})") from None
+    finally:
+        session.close()
 
 
 def run(opts: Options, target: Target) -> Report:
@@ -338,7 +359,7 @@ def run(opts: Options, target: Target) -> Report:
         report.stopped = str(stop)
     finally:
         try:
-            session.close()
+            session.close(abandon=report.interrupted)
         except OSError:
             pass
     report.elapsed_s = time.monotonic() - started
@@ -387,6 +408,7 @@ def replay(opts: Options, case: Case) -> ReplayResult:
     if tail.problem:
         opts.say(tail.problem)
     expect = case.expect
+    interrupted = False
     try:
         session.connect()
         device = session.check_device()
@@ -404,7 +426,7 @@ def replay(opts: Options, case: Case) -> ReplayResult:
             except (OSError, clientwire.ClientProtocolError) as e:
                 exc = e
             verdict = _judge(session, tail, op, exc, None)
-            if op.outside and expect["kind"] == "not-refused" and (exc is None or exc.errno not in _REFUSALS):
+            if op.outside and expect["kind"] == "not-refused" and getattr(exc, "errno", None) not in _REFUSALS:
                 verdict = Verdict("not-refused", Evidence())
             if verdict.kind is not None:
                 at = i
@@ -420,9 +442,12 @@ def replay(opts: Options, case: Case) -> ReplayResult:
                 time.sleep(0.05)
     except FuzzStop as stop:
         return ReplayResult(False, None, None, None, None, f"replay stopped: {stop}")
+    except KeyboardInterrupt:
+        interrupted = True
+        return ReplayResult(False, None, None, None, None, "replay stopped: interrupted (Ctrl-C)")
     finally:
         try:
-            session.close()
+            session.close(abandon=interrupted)
         except OSError:
             pass
     if verdict.kind is None:

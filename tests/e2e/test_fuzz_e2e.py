@@ -158,7 +158,7 @@ def test_ctrl_c_still_writes_the_summary_and_every_case(dm, tmp_path):
     assert json.loads((out / "summary.json").read_text())["interrupted"] is True
     for bucket in report["buckets"]:
         assert Path(bucket["case"]).exists()
-    assert "interrupted" in stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
 
 
 def test_refusals_exit_2_with_the_reason(dm, tmp_path):
@@ -166,6 +166,11 @@ def test_refusals_exit_2_with_the_reason(dm, tmp_path):
     assert r.returncode == 2 and "kernel mode" in r.stderr and "--kernel-mode-ok" in r.stderr
     r = drvbox(dm, "fuzz", "NOPE1:", "--codes", "0x1", "--iterations", 10)
     assert r.returncode == 2 and "no device 'NOPE1:'" in r.stderr
+    # Without --codes too: the missing device is the problem, not a missing policy for it.
+    r = drvbox(dm, "fuzz", "NOPE1:", "--iterations", 10)
+    assert r.returncode == 2 and "no device 'NOPE1:'" in r.stderr and "FZZ1:" in r.stderr
+    r = drvbox(dm, "fuzz", "FZZ1:", "--iterations", 10, "--policy", tmp_path / "missing")
+    assert r.returncode == 2 and "--policy" in r.stderr and "no such file" in r.stderr
     r = drvbox(dm, "fuzz", "FZZ1:", "--iterations", 10, "--policy", tmp_path)
     assert r.returncode == 2 and "--codes" in r.stderr
     r = drvbox(dm, "fuzz", "FZZ1:", "--codes", "0x10-0x1")
@@ -173,6 +178,7 @@ def test_refusals_exit_2_with_the_reason(dm, tmp_path):
     (tmp_path / "a-file").write_text("")
     r = drvbox(dm, "fuzz", "FZZ1:", "--codes", "0x00220000", "--iterations", 10, "--out", tmp_path / "a-file" / "out")
     assert r.returncode == 2 and "cannot write case files" in r.stderr and "--out" in r.stderr
+    assert r.stdout == ""            # no table of zeros for a run that never started
     r = subprocess.run([sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket",
                         str(tmp_path / "none.sock"), "fuzz", "FZZ1:", "--codes", "0x1", "--iterations", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)

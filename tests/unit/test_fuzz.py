@@ -5,11 +5,13 @@ tail hands out only new records, once each."""
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import json
 
 import pytest
 
+from reflector.cmd_fuzz import Stderr, _again
 from reflector.fuzz import Op, Target, UsageError, generate, parse_codes, target_from_policy
 from reflector.fuzz_cases import AuditTail, CaseBook, Evidence, load_case
 
@@ -154,3 +156,47 @@ def test_audit_tail_says_when_it_cannot_read(tmp_path):
     tail = AuditTail(tmp_path / "nowhere" / "audit.log")
     assert "--state-dir" in tail.problem
     assert "cannot read the audit log" in tail.evidence("FZZ1:", {1}, hang=False, wait_s=0).note
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_off_a_terminal_comes_at_most_every_five_seconds():
+    now = [100.0]
+    err = Stderr(_Stream(tty=False), clock=lambda: now[0])
+    for step in range(12):                      # one call a second, as the run makes them
+        err.progress(f"p{step}")
+        now[0] += 1.0
+    assert err.stream.getvalue().split() == ["p0", "p5", "p10"]
+    err.note("a note")
+    assert err.stream.getvalue().endswith("drvbox fuzz: a note\n") and "\r" not in err.stream.getvalue()
+
+
+def test_progress_on_a_terminal_is_redrawn_in_place_and_cleared_for_notes():
+    err = Stderr(_Stream(tty=True), clock=lambda: 0.0)
+    err.progress("p1")
+    err.progress("p2")
+    err.note("quarantined")
+    err.progress("p3")
+    err.done()
+    assert err.stream.getvalue() == ("\rp1\x1b[K\rp2\x1b[K\r\x1b[Kdrvbox fuzz: quarantined\n"
+                                     "\rp3\x1b[K\r\x1b[K")
+
+
+def test_again_names_what_makes_the_same_operations():
+    from reflector.cli import build_parser
+    args = build_parser().parse_args(["fuzz", "MY D1:", "--codes", "0x1-0x4", "--time", "30", "--max-io", "64"])
+    assert _again(args, "MY D1:", 7) == "drvbox fuzz 'MY D1:' --seed 7 --codes 0x1-0x4 --max-io 64 --time 30"
+
+
+def test_max_io_past_what_a_policy_may_hold_is_refused():
+    from reflector.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fuzz", "COM1:", "--max-io", str((1 << 30) + 1)])
+    assert build_parser().parse_args(["fuzz", "COM1:", "--max-io", "0x1000"]).max_io == 4096
