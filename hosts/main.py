@@ -58,6 +58,21 @@ _LOAD, _UNLOAD, _SHUTDOWN, _KREPLY, _REPLY, _LANE = Op.LOAD, Op.UNLOAD, Op.SHUTD
 MAX_LANES = 16
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
+# Zeros to clear an output buffer with (grown to the largest asked for; bytes(n) is calloc'd, so
+# its pages are the kernel's zero page until written, which it never is).
+_zeros = memoryview(bytes(65536))
+
+
+def _clear(view: memoryview) -> None:
+    """Zero a driver's output buffer before its call.  The arena slot still holds what the
+    request before left there -- perhaps another caller's data -- and a driver that reports more
+    output than it wrote (*actual, Read's count) would hand that to this caller.  In kernel mode
+    the output is a fresh (zeroed) buffer or the caller's own; a host must not do worse."""
+    global _zeros
+    n = len(view)
+    if n > len(_zeros):
+        _zeros = memoryview(bytes(n))
+    view[:] = _zeros[:n]
 # Stack of each thread started in the host (workers, and threads drivers start): glibc's default
 # is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
 # use up the limit; 1 MiB is ample for Python, whose calls between Python functions do not
@@ -340,7 +355,13 @@ class Host:
         if not slot.ready.is_set():      # the flag is a plain attribute; wait() takes a Condition
             slot.ready.wait()
         loaded = slot.loaded
-        status, value = (errno.ENODEV, 0) if loaded is None else call(loaded)
+        if loaded is None:
+            status, value = errno.ENODEV, 0
+        else:
+            for view in views:
+                if not view.readonly:
+                    _clear(view)
+            status, value = call(loaded)
         for view in views:
             # A driver that kept the view finds it released; one that kept a slice of it keeps
             # that slice (BufferError never arises for slices, but is not worth ending over).
