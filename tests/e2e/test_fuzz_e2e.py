@@ -208,3 +208,38 @@ def test_a_device_manager_that_goes_away_stops_the_run_with_what_was_found(tmp_p
     assert "Traceback" not in stderr
     assert "cannot connect to the Device Manager" in report["stopped"] and report["stopped"] in stderr
     assert report["buckets"] and not report["interrupted"]
+
+
+def test_ctrl_c_in_the_middle_of_a_request_stops_cleanly(tmp_path):
+    # A request cut short leaves its reply on the way: sending anything more on that connection
+    # (closing the handle) read the wrong reply and ended in a traceback.  The request here is one
+    # that never returns within the test (IOCTL_WAIT, empty input, ProcTimeout 60 s), so the
+    # Ctrl-C lands in it for certain.
+    registry = (reg_driver("Fuzzme", "FZZ", dll="fuzzme.dll", group=1, extra=fuzzme.IOCTL_ALLOW)
+                + reg_group(1, timeout_ms=60000))
+    dm = DeviceManagerProcess(tmp_path, registry, driver_dirs=(TEST_DRIVERS,)).start()
+    case = tmp_path / "wait.json"
+    case.write_text(json.dumps({"format": "drvbox.fuzz-case/1", "device": "FZZ1:", "expect": {"kind": "hang"},
+                                "ops": [{"op": "ioctl", "code": f"{fuzzme.IOCTL_WAIT:#010x}", "in": "", "out": 0}]}))
+    cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket", str(dm.socket),
+           "fuzz", "FZZ1:", "--replay", str(case)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60           # a guard against a hang, not a measurement
+        busy = 0
+        while not busy and time.monotonic() < deadline and proc.poll() is None:
+            with dm.client() as c:
+                busy = sum(h["lanes"]["busy"] for h in c.devices()["hosts"])
+            time.sleep(0.05)
+        assert busy, "the request never reached the host"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        with dm.client() as c:                      # the Device Manager serves on
+            assert any(d["name"] == "FZZ1:" for d in c.devices()["devices"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        dm.stop()
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 2 and "interrupted" in stdout, (stdout, stderr)
