@@ -70,6 +70,7 @@ class AuditTail:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.problem: str | None = None
+        self.foreign: str | None = None     # set by check_host: the log is another Device Manager's
         self._pending: list[dict] = []
         try:
             self._pos = os.stat(self.path).st_size
@@ -100,9 +101,41 @@ class AuditTail:
                 return None
             time.sleep(0.02)
 
+    # How far back check_host looks: far enough for any host that is up, short enough to read at
+    # once however old the log.
+    CHECK_WINDOW = 16 << 20
+
+    def check_host(self, pid: int, device: str, wait_s: float) -> str | None:
+        """Whether this is the log of the Device Manager we fuzz through: its host.started records
+        must include the pid of ``device``'s host.  When they do not, the reason (also kept in
+        ``foreign``: every later finding carries it at once instead of waiting for records that will
+        never come); None when they do, or when the log cannot be read (``problem`` says so).
+
+        A host serves before its host.started record is written, so a missing record is waited
+        for, up to ``wait_s``, before the log is judged another's."""
+        deadline = time.monotonic() + wait_s
+        try:
+            pos = max(0, os.stat(self.path).st_size - self.CHECK_WINDOW)
+            while True:
+                lines, pos = read_from(self.path, pos)
+                if any(line.record is not None and line.record["event"] == "host.started"
+                       and line.record["pid"] == pid for line in lines):
+                    return None
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except OSError:
+            return None
+        self.foreign = (f"the audit log {self.path} has no host.started record of {device}'s host (pid {pid}): it is "
+                        f"not the log of the Device Manager being fuzzed, so findings have no signal or exit "
+                        f"status; give that Device Manager's state directory with --state-dir")
+        return self.foreign
+
     def evidence(self, device: str, groups: set, hang: bool, wait_s: float) -> Evidence:
         """The evidence of the failure of ``device``'s host (in one of ``groups``: a device that keeps
         crashing a shared host may be moved into a host of its own)."""
+        if self.foreign:
+            return Evidence(note=self.foreign)
         ev = Evidence()
         deadline = time.monotonic() + wait_s
         ours = lambda rec: rec.get("group") in groups or rec.get("device") == device   # noqa: E731

@@ -308,6 +308,7 @@ def run(opts: Options, target: Target) -> Report:
         if device["state"] == "quarantined":
             session.lift_quarantine()
         session.open()
+        _check_audit_log(session, tail, report)
         for index, op in enumerate(generate(opts.seed, target)):
             if opts.iterations is not None and index >= opts.iterations:
                 break
@@ -370,6 +371,17 @@ def run(opts: Options, target: Target) -> Report:
     return report
 
 
+def _check_audit_log(session: _Session, tail: AuditTail, report: Report | None) -> None:
+    _, host = session.describe()
+    if host is None or host.get("pid") is None or tail.problem:
+        return
+    foreign = tail.check_host(host["pid"], session.name, session.opts.audit_wait_s)
+    if foreign:
+        session.opts.say(foreign)
+        if report is not None:
+            report.audit_note = foreign
+
+
 def _reconnect_or_gone(session: _Session, book: CaseBook, index: int, trail: list[Op]) -> None:
     try:
         session.reconnect()
@@ -415,6 +427,7 @@ def replay(opts: Options, case: Case) -> ReplayResult:
         if device["state"] == "quarantined":
             session.lift_quarantine()
         session.open()
+        _check_audit_log(session, tail, None)
         verdict, at = Verdict(None), None
         for i, op in enumerate(case.ops):
             if op.kind == "reopen":

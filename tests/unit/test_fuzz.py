@@ -200,3 +200,16 @@ def test_max_io_past_what_a_policy_may_hold_is_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fuzz", "COM1:", "--max-io", str((1 << 30) + 1)])
     assert build_parser().parse_args(["fuzz", "COM1:", "--max-io", "0x1000"]).max_io == 4096
+
+
+def test_audit_tail_tells_another_device_managers_log(tmp_path):
+    log = tmp_path / "audit.log"
+    started = json.loads(_record("host.started"))
+    log.write_text(json.dumps({**started, "pid": 4242}) + "\n")
+    tail = AuditTail(log)
+    assert tail.check_host(4242, "FZZ1:", wait_s=0) is None and tail.foreign is None
+    note = tail.check_host(777, "FZZ1:", wait_s=0)
+    assert "pid 777" in note and "--state-dir" in note and str(log) in note
+    with open(log, "a") as f:                     # a crash in that log is not evidence about ours
+        f.write(_record("host.crashed", signal=11))
+    assert tail.evidence("FZZ1:", {1}, hang=False, wait_s=0) == Evidence(note=note)
