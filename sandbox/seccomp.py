@@ -49,9 +49,11 @@ def load(allowed: list[str], notify: bool, on_violation: str = "deny",
             raise OSError(getattr(exc, "errno", None) or errno.EINVAL, f"cannot allow {name!r}",
                           f"seccomp_rule_add(ALLOW, {name})") from exc
     # Threads, never processes: clone must carry CLONE_THREAD (a thread shares everything, a
-    # process without exec would be a second, unsupervised host).
+    # process without exec would be a second, unsupervised host), and no CLONE_NEW* flag (a thread
+    # in a namespace of its own does not share everything).
     filt.add_rule(pyseccomp.ALLOW, "clone",
-                  pyseccomp.Arg(0, pyseccomp.MASKED_EQ, syscalls.CLONE_THREAD, syscalls.CLONE_THREAD))
+                  pyseccomp.Arg(0, pyseccomp.MASKED_EQ, syscalls.CLONE_THREAD | syscalls.CLONE_NAMESPACES,
+                                syscalls.CLONE_THREAD))
     # clone3 passes its flags in memory, which a filter cannot read; ENOSYS (not EPERM) makes
     # glibc fall back to clone, whose flags the rule above checks.  Not reported: it is routine.
     filt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")

@@ -126,6 +126,22 @@ def test_a_raw_syscall_outside_the_allowlist_is_refused_and_audited_with_its_arg
     assert record["detail"]["args"][:len(args)] == [f"{a:#x}" for a in args], record
 
 
+CLONE_THREAD_VM_SIGHAND = 0x00010000 | 0x00000100 | 0x00000800
+
+
+@pytest.mark.parametrize("flag", [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x40000000],
+                         ids=["newns", "newcgroup", "newuts", "newipc", "newnet"])
+def test_a_thread_in_a_namespace_of_its_own_is_refused_by_our_filter(native_dm, flag):
+    """clone passes the filter only with CLONE_THREAD; with a CLONE_NEW* flag as well it must not
+    pass either (the kernel's capability check would refuse it too, but without a record)."""
+    before = len(native_dm.audit("syscall.denied"))
+    with native_dm.client() as c, c.open("HST1:") as h:
+        err, _ = run(h, SYSCALL, raw(56, CLONE_THREAD_VM_SIGHAND | flag), 16)
+    assert err == errno.EPERM, errno.errorcode.get(err, err)
+    record = wait_denied(native_dm, "clone", before)
+    assert record["detail"]["args"][0] == f"{CLONE_THREAD_VM_SIGHAND | flag:#x}", record
+
+
 def test_the_x32_abi_is_not_a_way_around_the_filter(native_dm):
     """getpid is allowed; its x32 twin (nr | 0x40000000) is another ABI the filter must not let
     through: the host is killed for it (ACT_BADARCH), or it is refused -- never served."""
