@@ -15,15 +15,18 @@ MAX_IO_LIMIT = 1 << 30        # the policy schema's largest max_io_size: buffers
 
 DESCRIPTION = """\
 Fuzz DEV, a device of a running Device Manager, through the real sandboxed path (the client
-library, the policy checks, the host): IOCTLs with generated input buffers and output sizes, and
-read/write/seek sequences on a handle that is reopened now and then.  A host that crashes, hangs or
-breaks the protocol is a finding; the fuzzer reads its signal or exit status from the audit log,
-waits for the restarted host (lifting a quarantine as `drvbox restart DEV` does, which needs root
-or the Device Manager's owner) and goes on.
+library, the policy checks, the host): IOCTLs with generated input buffers and output sizes
+(mostly small, some at MaxIoSize and one past it), and read/write/seek sequences on a handle that
+is reopened now and then.  A host that crashes, hangs or breaks the protocol is a finding; the
+fuzzer reads its signal or exit status from the audit log, waits for the restarted host (lifting a
+quarantine as `drvbox restart DEV` does, which needs root or the Device Manager's owner) and goes
+on.
 
-Codes: --codes, else the device's policy (--policy FILE|DIR, else the built-in platform's policies
-in the state directory).  A few codes outside a policy's allowlist are tried too: EACCES is the
-expected answer, anything else is a finding (not-refused).
+Give the global --state-dir and --socket of the Device Manager being fuzzed: its audit log says
+how a host died (the fuzzer says so when the log is another's).  Codes: --codes, else the
+device's policy (--policy FILE|DIR, else the built-in platform's policies in the state
+directory).  A few codes outside a policy's allowlist are tried too: EACCES is the expected
+answer, anything else is a finding (not-refused).
 
 Findings are bucketed by (kind, signal, exit status, operation, IOCTL code); each bucket has a case
 file in --out (default <state dir>/fuzz/<DEV>-<time>-<pid>/), with the operations since the handle
@@ -39,7 +42,7 @@ policy's allowlist reached the driver), dm-closed / dm-gone (the Device Manager 
 away).  An errno the driver chose (EINVAL, ENOTTY, ...) is not a finding; neither is EACCES or
 EMSGSIZE, the policy refusing a code or a size.
 
-exit status: 0 no finding (an interrupted run too); 1 findings (with --replay: the case
+exit status (an interrupted run too): 0 no finding; 1 findings (with --replay: the case
 reproduces); 2 usage error, or the Device Manager or device could not be reached, or the run
 stopped before any finding (with --replay: the replay could not run); 3 (--replay only) the case
 fails, but differently from what it records.

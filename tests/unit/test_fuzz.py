@@ -213,3 +213,15 @@ def test_audit_tail_tells_another_device_managers_log(tmp_path):
     with open(log, "a") as f:                     # a crash in that log is not evidence about ours
         f.write(_record("host.crashed", signal=11))
     assert tail.evidence("FZZ1:", {1}, hang=False, wait_s=0) == Evidence(note=note)
+
+
+def test_help_teaches_what_is_sent_what_is_a_finding_exit_statuses_and_an_example():
+    from reflector.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command" or getattr(a, "choices", None))
+    text = sub.choices["fuzz"].format_help()
+    for kind in ("crash", "hang", "buffer.violation", "protocol.violation", "died-between", "not-refused",
+                 "dm-closed", "dm-gone"):
+        assert kind in text
+    assert "MaxIoSize" in text and "read/write/seek" in text and "--state-dir" in text
+    assert "exit status" in text and "3 (--replay only)" in text
+    assert "examples:" in text and "drvbox fuzz COM1: --time" in text and "--replay" in text
