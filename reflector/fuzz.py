@@ -176,16 +176,24 @@ def target_from_policy(path: Path, device: str) -> Target | None:
     Device Manager checks every request against the policy it verified itself.  A policy that
     allows every code gives no codes: then ``--codes`` is needed.
     """
-    files = sorted(Path(path).glob("*.json")) if Path(path).is_dir() else [Path(path)]
+    one_file = not Path(path).is_dir()
+    files = [Path(path)] if one_file else sorted(Path(path).glob("*.json"))
     wanted = device.rstrip(":").casefold()
     for file in files:
-        unverified = _policy_document(file)
+        unverified, problem = _policy_document(file)
         try:
             name = unverified["driver"]["name"]
             io = unverified["io"]
         except (KeyError, TypeError):
+            # In a directory other files may be anything; a file named on its own must be a policy.
+            if one_file:
+                raise UsageError(f"--policy {file}: not a drvbox policy ({problem or 'no driver.name or io section'}); "
+                                 f"give a file of `drvbox policy derive`/`sign`, or their directory") from None
             continue
         if not isinstance(name, str) or name.rstrip(":").casefold() != wanted:
+            if one_file:
+                raise UsageError(f"--policy {file}: this is the policy of {name}, not of {device}; give {device}'s, "
+                                 f"or the directory of policies") from None
             continue
         try:
             max_io = int(io["max_io_size"])
@@ -203,15 +211,17 @@ def target_from_policy(path: Path, device: str) -> Target | None:
     return None
 
 
-def _policy_document(file: Path) -> object:
-    """A policy document, plain or inside a signed envelope; None when the file is neither."""
+def _policy_document(file: Path) -> tuple[object, str | None]:
+    """A policy document, plain or inside a signed envelope; ``(None, why)`` when it is neither."""
     try:
         doc = json.loads(file.read_bytes())
         if isinstance(doc, dict) and "payload" in doc and "signatures" in doc:
             doc = json.loads(base64.b64decode(doc["payload"], validate=True))
-        return doc
-    except (OSError, ValueError, binascii.Error, TypeError):
-        return None
+        return doc, None
+    except OSError as exc:
+        return None, f"cannot read it: {exc.strerror}"
+    except (ValueError, binascii.Error, TypeError) as exc:
+        return None, f"not JSON, nor a signed envelope of JSON: {exc}"
 
 
 # -- the generator ---------------------------------------------------------------------------

@@ -225,3 +225,15 @@ def test_help_teaches_what_is_sent_what_is_a_finding_exit_statuses_and_an_exampl
     assert "MaxIoSize" in text and "read/write/seek" in text and "--state-dir" in text
     assert "exit status" in text and "3 (--replay only)" in text
     assert "examples:" in text and "drvbox fuzz COM1: --time" in text and "--replay" in text
+
+
+def test_a_policy_file_named_on_its_own_must_be_the_devices(tmp_path):
+    other = _policy(tmp_path, name="OTH1:")
+    with pytest.raises(UsageError, match=r"policy of OTH1:, not of FZZ1:"):
+        target_from_policy(other, "FZZ1:")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{bad")
+    with pytest.raises(UsageError, match="not a drvbox policy .not JSON") as info:
+        target_from_policy(broken, "FZZ1:")
+    assert str(broken) in str(info.value)
+    assert target_from_policy(tmp_path, "FZZ1:") is None     # in a directory, both are passed over
