@@ -258,11 +258,12 @@ def _replay(args, opts, err: Stderr) -> int:
 
 
 def _table(report) -> None:
+    from reflector.fuzz_run import plural
     rate = report.iterations / report.elapsed_s if report.elapsed_s else 0.0
     how = " (interrupted)" if report.interrupted else " (stopped early)" if report.stopped else ""
     print(f"{report.device} {report.iterations} operations in {report.elapsed_s:.1f} s ({rate:.0f}/s), seed "
-          f"{report.seed}{how}; {report.findings} findings in {len(report.buckets)} buckets; "
-          f"{report.refused} refused by policy; {report.quarantines_lifted} quarantines lifted")
+          f"{report.seed}{how}; {plural(report.findings, 'finding')} in {plural(len(report.buckets), 'bucket')}; "
+          f"{report.refused} refused by policy; {plural(report.quarantines_lifted, 'quarantine')} lifted")
     _where(report)
     if not report.buckets:
         return

@@ -164,8 +164,11 @@ class _Session:
         self.connect()
 
     def lift_quarantine(self) -> None:
-        self.opts.say(f"{self.name} is quarantined (its host failed more than RestartLimit times); "
-                      f"lifting it as `drvbox restart {self.name}` does")
+        # Said once: a driver that keeps crashing is quarantined again and again, and the progress
+        # line and the summary count the lifts.
+        if not self.lifted:
+            self.opts.say(f"{self.name} is quarantined (its host failed more than RestartLimit times); "
+                          f"lifting it as `drvbox restart {self.name}` does, each time it happens")
         try:
             self.dm.restart(self.name)
         except PermissionError as exc:
@@ -317,7 +320,7 @@ def run(opts: Options, target: Target) -> Report:
                 break
             if now - last_progress >= 1.0:
                 last_progress = now
-                opts.progress(_progress_line(session.name, index, now - started, book))
+                opts.progress(_progress_line(session.name, index, now - started, book, session.lifted))
             report.iterations = index + 1
             if op.kind == "reopen":
                 session.open()
@@ -390,10 +393,15 @@ def _reconnect_or_gone(session: _Session, book: CaseBook, index: int, trail: lis
         raise
 
 
-def _progress_line(device: str, done: int, elapsed: float, book: CaseBook) -> str:
+def _progress_line(device: str, done: int, elapsed: float, book: CaseBook, lifted: int) -> str:
     findings = sum(b.count for b in book.buckets.values())
-    return (f"fuzz {device} {done} ops, {done / elapsed:.0f} ops/s, {findings} findings in "
-            f"{len(book.buckets)} buckets, {elapsed:.0f} s")
+    lifts = f", {plural(lifted, 'quarantine')} lifted" if lifted else ""
+    return (f"fuzz {device} {done} ops, {done / elapsed:.0f} ops/s, {plural(findings, 'finding')} in "
+            f"{plural(len(book.buckets), 'bucket')}{lifts}, {elapsed:.0f} s")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _default_out_dir(opts: Options) -> Path:
