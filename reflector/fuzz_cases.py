@@ -195,6 +195,7 @@ class CaseBook:
         self.out_dir = Path(out_dir)
         self.device, self.seed, self.target_source = device, seed, target_source
         self.buckets: dict[tuple, Bucket] = {}
+        self.ready = False          # prepare() made out_dir: there is somewhere to write
 
     def prepare(self) -> None:
         """Make ``out_dir`` before the first operation: a run that could not keep its cases should
@@ -204,6 +205,7 @@ class CaseBook:
             probe = self.out_dir / ".writable"
             probe.touch()
             probe.unlink()
+            self.ready = True
         except OSError as exc:
             raise FuzzStop(f"cannot write case files to {self.out_dir} ({exc.strerror}): give a directory of "
                            f"yours with --out DIR") from None
@@ -240,8 +242,9 @@ class CaseBook:
         return path
 
     def write_summary(self, summary: dict) -> Path | None:
-        if not self.out_dir.is_dir():
-            return None           # prepare() failed: there is nowhere to write
+        # Not out_dir.is_dir(): under a directory we may not search, that raises EACCES.
+        if not self.ready:
+            return None
         path = self.out_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=1) + "\n")

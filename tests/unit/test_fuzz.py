@@ -8,11 +8,12 @@ import base64
 import io
 import itertools
 import json
+import os
 
 import pytest
 
 from reflector.cmd_fuzz import Stderr, _again
-from reflector.fuzz import Op, Target, UsageError, generate, parse_codes, target_from_policy
+from reflector.fuzz import FuzzStop, Op, Target, UsageError, generate, parse_codes, target_from_policy
 from reflector.fuzz_cases import AuditTail, CaseBook, Evidence, load_case
 
 TARGET = parse_codes("0x00220000,0x00220004-0x0022000C", max_io=256)
@@ -237,3 +238,42 @@ def test_a_policy_file_named_on_its_own_must_be_the_devices(tmp_path):
         target_from_policy(broken, "FZZ1:")
     assert str(broken) in str(info.value)
     assert target_from_policy(tmp_path, "FZZ1:") is None     # in a directory, both are passed over
+
+
+def test_out_under_a_directory_we_may_not_search_stops_the_run_without_a_traceback(tmp_path):
+    # Path.is_dir() raises EACCES there (it only swallows "does not exist"): the summary step must
+    # not ask it.  Root may search anything, so as root the check runs in a child that drops to nobody.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    book = CaseBook(locked / "sub" / "out", "FZZ1:", 1, "--codes")
+
+    def check() -> int:
+        try:
+            book.prepare()
+            return 3                                   # it should not have been writable
+        except FuzzStop as stop:
+            if "cannot write case files" not in str(stop) or "--out" not in str(stop):
+                return 4
+        try:
+            return 0 if book.write_summary({}) is None else 5
+        except OSError:
+            return 6
+
+    if os.geteuid() != 0:
+        locked.chmod(0)
+        try:
+            assert check() == 0
+        finally:
+            locked.chmod(0o700)
+        return
+    pid = os.fork()
+    if pid == 0:                                       # the child: never returns into pytest
+        code = 7
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            code = check()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
