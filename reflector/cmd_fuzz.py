@@ -167,11 +167,16 @@ def _target(args, device: str):
     from reflector.fuzz import DEFAULT_MAX_IO, UsageError, parse_codes, target_from_policy
     if args.codes:
         return parse_codes(args.codes, args.max_io if args.max_io is not None else DEFAULT_MAX_IO)
-    if args.policy is not None and not args.policy.exists():
-        raise UsageError(f"--policy {args.policy}: no such file or directory; give the policy file of {device} "
-                         f"or the directory given to `drvbox run --policies`")
     place = args.policy or args.state_dir / "builtin" / "policies"
-    target = target_from_policy(place, device) if place.exists() else None
+    try:
+        # Path.exists() and is_dir() raise EACCES under a directory we may not search.
+        if args.policy is not None and not args.policy.exists():
+            raise UsageError(f"--policy {args.policy}: no such file or directory; give the policy file of "
+                             f"{device} or the directory given to `drvbox run --policies`")
+        target = target_from_policy(place, device) if place.exists() else None
+    except PermissionError as exc:
+        raise UsageError(f"cannot read the policies at {place} ({exc.strerror}): give a copy you can read with "
+                         f"--policy FILE|DIR, or the codes with --codes 0x...,0x...-0x...") from None
     if target is None:
         where = f"{place}" if args.policy else f"{place} (the built-in platform's; --policy for others)"
         raise UsageError(f"no policy of {device} in {where}: give the policy with --policy FILE|DIR (the "

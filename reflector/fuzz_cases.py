@@ -76,8 +76,10 @@ class AuditTail:
             self._pos = os.stat(self.path).st_size
         except OSError as exc:
             self._pos = 0
+            fix = ("fuzz as the Device Manager's owner or root to have them" if isinstance(exc, PermissionError)
+                   else "give the Device Manager's state directory with --state-dir")
             self.problem = (f"cannot read the audit log {self.path} ({exc.strerror}): findings have no signal or "
-                            f"exit status; give the Device Manager's state directory with --state-dir")
+                            f"exit status; {fix}")
 
     def _poll(self) -> None:
         try:
