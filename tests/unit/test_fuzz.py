@@ -240,9 +240,31 @@ def test_a_policy_file_named_on_its_own_must_be_the_devices(tmp_path):
     assert target_from_policy(tmp_path, "FZZ1:") is None     # in a directory, both are passed over
 
 
+def _locked_out(locked, check) -> int:
+    """``check()``'s return value, run by someone who may not search ``locked``: ourselves with the
+    directory's mode 0 when not root (root may search anything), else a child dropped to nobody."""
+    if os.geteuid() != 0:
+        locked.chmod(0)
+        try:
+            return check()
+        finally:
+            locked.chmod(0o700)
+    pid = os.fork()
+    if pid == 0:                                       # the child: never returns into pytest
+        code = 7
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            code = check()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def test_out_under_a_directory_we_may_not_search_stops_the_run_without_a_traceback(tmp_path):
     # Path.is_dir() raises EACCES there (it only swallows "does not exist"): the summary step must
-    # not ask it.  Root may search anything, so as root the check runs in a child that drops to nobody.
+    # not ask it.
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o700)
     book = CaseBook(locked / "sub" / "out", "FZZ1:", 1, "--codes")
@@ -259,21 +281,27 @@ def test_out_under_a_directory_we_may_not_search_stops_the_run_without_a_traceba
         except OSError:
             return 6
 
-    if os.geteuid() != 0:
-        locked.chmod(0)
-        try:
-            assert check() == 0
-        finally:
-            locked.chmod(0o700)
-        return
-    pid = os.fork()
-    if pid == 0:                                       # the child: never returns into pytest
-        code = 7
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            code = check()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _locked_out(locked, check) == 0
+
+
+def test_policies_we_may_not_read_are_named_with_the_fix(tmp_path):
+    from reflector.cli import build_parser
+    from reflector.cmd_fuzz import _target
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    args = build_parser().parse_args(["--state-dir", str(locked / "state"), "fuzz", "FZZ1:"])
+    with_policy = build_parser().parse_args(["fuzz", "FZZ1:", "--policy", str(locked / "pol")])
+
+    def check() -> int:
+        for a in (args, with_policy):
+            try:
+                _target(a, "FZZ1:")
+                return 3
+            except UsageError as exc:
+                if "Permission denied" not in str(exc) or "--codes" not in str(exc) or str(locked) not in str(exc):
+                    return 4
+            except OSError:
+                return 5
+        return 0
+
+    assert _locked_out(locked, check) == 0
