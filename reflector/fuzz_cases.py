@@ -91,6 +91,17 @@ class AuditTail:
         self._pending += [line.record for line in lines
                           if line.record is not None and line.record["event"] in HOST_EVENTS]
 
+    @property
+    def usable(self) -> bool:
+        """The log can be read and is the fuzzed Device Manager's: what it lacks did not happen."""
+        return self.problem is None and self.foreign is None
+
+    def seen(self, match) -> bool:
+        """Whether an unclaimed record for which ``match(rec)`` is true is in the log now (not
+        waiting, not claiming it)."""
+        self._poll()
+        return any(match(rec) for rec in self._pending)
+
     def take(self, match, deadline: float) -> dict | None:
         """The first unclaimed record for which ``match(rec)`` is true, waiting until ``deadline``
         (``time.monotonic()``) for it to be written; None when none came."""

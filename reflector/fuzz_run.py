@@ -9,7 +9,8 @@ How an answer is judged (docs/fuzzing.md):
 * success, or an errno the driver chose (EINVAL, ENOTTY, ...): normal, counted by errno;
 * EACCES/EMSGSIZE: the policy refusing a code outside the allowlist or a buffer past MaxIoSize --
   expected; the *absence* of that refusal for a code outside a policy's allowlist is a finding;
-* EIO with the host gone, ETIMEDOUT, ESTALE without a failure of ours: the host failed -- a
+* EIO with the host gone, ETIMEDOUT with a host.timeout record (or the host gone), ESTALE
+  without a failure of ours: the host failed -- a
   finding, with its signal or exit status read from the audit log;
 * a closed connection: the Device Manager itself failed -- a finding.
 
@@ -256,6 +257,8 @@ def _judge(session: _Session, tail: AuditTail, op: Op, exc: BaseException | None
     code = exc.errno
     wait = session.opts.audit_wait_s
     if code == errno.ETIMEDOUT:
+        if not _host_timed_out(session, tail):
+            return Verdict(None)             # the driver's own ETIMEDOUT; its host lives on
         return Verdict("hang", tail.evidence(session.name, session.groups, hang=True, wait_s=wait))
     if code == errno.EIO:
         before, now = session.host, session.snapshot()
@@ -285,6 +288,23 @@ def resolve_device(opts: Options) -> str:
         raise FuzzStop(f"the Device Manager at {opts.socket} closed the connection ({exc})") from None
     finally:
         session.close()
+
+
+def _host_timed_out(session: _Session, tail: AuditTail) -> bool:
+    """Whether an ETIMEDOUT means the Device Manager gave up on the host (ProcTimeout) rather than
+    the driver answering ETIMEDOUT itself, as one that waited for data in vain may.
+
+    The Device Manager writes host.timeout before it answers, so a readable log settles it at
+    once.  Without one, the host must be seen to change (it was killed), within --audit-wait."""
+    if tail.usable:
+        return tail.seen(lambda r: r["event"] == "host.timeout"
+                         and (r.get("group") in session.groups or r.get("device") == session.name))
+    deadline = time.monotonic() + session.opts.audit_wait_s
+    while session.snapshot() == session.host:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def run(opts: Options, target: Target) -> Report:

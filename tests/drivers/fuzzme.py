@@ -8,7 +8,9 @@ bugs of the kinds a fuzzer must find, each reachable only by a particular input:
 * A write, then a seek, then a read on the same handle reads through a cursor the seek left stale
   -- the host ``os._exit(EXIT_STALE_CURSOR)``s.
 
-Everything else answers, or fails with a proper errno.
+Everything else answers, or fails with a proper errno -- ``IOCTL_SUM`` of no input with ETIMEDOUT,
+as a driver that waited for data in vain may: the driver's own answer, which a fuzzer must not take
+for a hang of its host.
 """
 
 import ctypes
@@ -20,7 +22,7 @@ from hosts import DriverError, StreamDriver
 
 BASE = 0x00220000
 IOCTL_ECHO = BASE + 0x00         # out <- in
-IOCTL_SUM = BASE + 0x04          # out <- u32 sum of the input's bytes; EINVAL for no input
+IOCTL_SUM = BASE + 0x04          # out <- u32 sum of the input's bytes; ETIMEDOUT for no input
 IOCTL_PARSE = BASE + 0x08        # planted: SIGSEGV when in[0] == 0xFF
 IOCTL_WAIT = BASE + 0x0C         # planted: hangs when the input is empty
 IOCTL_VERSION = BASE + 0x10      # out <- b"fuzzme/1"
@@ -77,7 +79,9 @@ class Driver(StreamDriver):
             outbuf[:n] = inbuf[:n]
             return n
         if code == IOCTL_SUM:
-            if not len(inbuf) or len(outbuf) < 4:
+            if not len(inbuf):
+                raise DriverError(errno.ETIMEDOUT)     # "no data came": not a hang
+            if len(outbuf) < 4:
                 raise DriverError(errno.EINVAL)
             outbuf[:4] = (sum(inbuf) & 0xFFFFFFFF).to_bytes(4, "little")
             return 4

@@ -85,6 +85,8 @@ def test_fuzz_finds_the_planted_bugs_and_the_other_device_keeps_answering(dm, fo
     assert report["elapsed_s"] > 0 and report["ops_per_s"] > 0
     # Codes outside the allowlist were tried and refused by the policy, which is not a finding.
     assert report["refused_by_policy"] > 0 and report["errnos"]["EACCES"] > 0
+    # IOCTL_SUM's own ETIMEDOUT was met, and is not a hang (PLANTED has only IOCTL_WAIT's).
+    assert report["errnos"].get("ETIMEDOUT", 0) > sum(b["count"] for b in report["buckets"] if b["kind"] == "hang")
     # RestartLimit 2 was passed, and the fuzzer lifted the quarantine to go on, saying so.
     assert report["quarantines_lifted"] > 0
     assert "quarantined" in stderr and "drvbox restart FZZ1:" in stderr
