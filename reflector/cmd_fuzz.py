@@ -228,7 +228,7 @@ def fuzz(args) -> int:
              f"{target.max_io}); the same operations again: {_again(args, opts.device, opts.seed)}")
     report = run(opts, target)
     err.done()
-    if report.stopped and not report.iterations and not report.findings:
+    if report.stopped and not report.iterations and not report.findings and not args.json:
         err.note(report.stopped)          # nothing ran: a table of zeros would only hide the reason
         return EXIT_USAGE
     if args.json:
@@ -255,7 +255,7 @@ def _replay(args, opts, err: Stderr) -> int:
                           "message": result.message}, indent=1))
     else:
         print(f"{args.replay}: {result.message}")
-    if result.message.startswith("replay stopped"):
+    if result.stopped:
         return EXIT_USAGE
     if result.reproduced:
         return EXIT_FINDINGS

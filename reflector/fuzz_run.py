@@ -10,8 +10,8 @@ How an answer is judged (docs/fuzzing.md):
 * EACCES/EMSGSIZE: the policy refusing a code outside the allowlist or a buffer past MaxIoSize --
   expected; the *absence* of that refusal for a code outside a policy's allowlist is a finding;
 * EIO with the host gone, ETIMEDOUT with a host.timeout record (or the host gone), ESTALE
-  without a failure of ours: the host failed -- a
-  finding, with its signal or exit status read from the audit log;
+  without a failure of ours: the host failed -- a finding, with its signal or exit status read
+  from the audit log;
 * a closed connection: the Device Manager itself failed -- a finding.
 
 After a finding the fuzzer waits (bounded) for the restarted host, lifts a quarantine the way
@@ -439,6 +439,7 @@ class ReplayResult:
     status: int | None
     at: int | None            # the index in the case's ops where it happened
     message: str
+    stopped: bool = False     # the replay could not run to its end (no Device Manager, Ctrl-C, ...)
 
 
 def replay(opts: Options, case: Case) -> ReplayResult:
@@ -482,10 +483,10 @@ def replay(opts: Options, case: Case) -> ReplayResult:
                     at = len(case.ops) - 1
                 time.sleep(0.05)
     except FuzzStop as stop:
-        return ReplayResult(False, None, None, None, None, f"replay stopped: {stop}")
+        return ReplayResult(False, None, None, None, None, f"replay stopped: {stop}", stopped=True)
     except KeyboardInterrupt:
         interrupted = True
-        return ReplayResult(False, None, None, None, None, "replay stopped: interrupted (Ctrl-C)")
+        return ReplayResult(False, None, None, None, None, "replay stopped: interrupted (Ctrl-C)", stopped=True)
     finally:
         try:
             session.close(abandon=interrupted)
