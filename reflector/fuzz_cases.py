@@ -8,9 +8,11 @@ bucket with a count.  Each bucket has a case file: the operations since the hand
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal as signal_mod
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,9 +217,7 @@ class CaseBook:
         not start (every run also leaves its summary.json there, seed included)."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            probe = self.out_dir / ".writable"
-            probe.touch()
-            probe.unlink()
+            _write_whole(self.out_dir / ".writable", "").unlink()
             self.ready = True
         except OSError as exc:
             raise FuzzStop(f"cannot write case files to {self.out_dir} ({exc.strerror}): give a directory of "
@@ -246,23 +246,31 @@ class CaseBook:
                 "expect": {"kind": bucket.kind, "signal": bucket.signal, "signal_name": signal_name(bucket.signal),
                            "status": bucket.status},
                 "audit": ev.records, "ops": [op.to_json() for op in trail]}
-        tmp = path.with_suffix(".tmp")
-        # Written whole, then renamed: a case file is never seen half written, even after Ctrl-C.
-        with open(tmp, "w") as f:
-            json.dump(case, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return _write_whole(path, json.dumps(case, indent=1) + "\n")
 
     def write_summary(self, summary: dict) -> Path | None:
         # Not out_dir.is_dir(): under a directory we may not search, that raises EACCES.
         if not self.ready:
             return None
         path = self.out_dir / "summary.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        return _write_whole(path, json.dumps(summary, indent=1) + "\n")
+
+
+def _write_whole(path: Path, text: str) -> Path:
+    """Write ``path`` whole, then rename it into place: never seen half written, even after
+    Ctrl-C.  The temporary file gets a fresh name, created O_EXCL (mkstemp), because --out may be
+    a directory others can write (/tmp): a name known in advance could be a symlink they planted,
+    and a root fuzzer would write through it.  The rename replaces a link at ``path`` itself."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
-        return path
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 @dataclass

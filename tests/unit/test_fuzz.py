@@ -305,3 +305,24 @@ def test_policies_we_may_not_read_are_named_with_the_fix(tmp_path):
         return 0
 
     assert _locked_out(locked, check) == 0
+
+
+def test_case_files_are_not_written_through_links_planted_in_out(tmp_path):
+    # --out may be a directory others can write: names known in advance must not be followed.
+    out = tmp_path / "shared"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    book = CaseBook(out, "FZZ1:", 7, "--codes")
+    op = Op("ioctl", code=0x00220008, data=b"\xff")
+    planted = ["summary.tmp", "summary.json", ".writable", "case-001-crash-ioctl-00220008.tmp",
+               "case-001-crash-ioctl-00220008.json"]
+    for name in planted:
+        (out / name).symlink_to(victim)
+    book.prepare()
+    bucket = book.add("crash", Evidence(signal=11), op, 1, [op])
+    summary = book.write_summary({"findings": 1})
+    assert victim.read_text() == "precious\n"
+    assert not bucket.case.is_symlink() and load_case(bucket.case).ops == [op]
+    assert not summary.is_symlink() and json.loads(summary.read_text()) == {"findings": 1}
+    assert not list(out.glob(".*.tmp"))
