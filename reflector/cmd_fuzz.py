@@ -6,6 +6,7 @@ import argparse
 import json
 import secrets
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -226,7 +227,13 @@ def fuzz(args) -> int:
              opts.iterations is None else f"{opts.iterations} operations or {opts.seconds:g} s")
     err.note(f"fuzzing {opts.device} for {bound} with seed {opts.seed} (codes from {target.source}; MaxIoSize "
              f"{target.max_io}); the same operations again: {_again(args, opts.device, opts.seed)}")
-    report = run(opts, target)
+    # SIGTERM (`timeout 600 drvbox fuzz ...` in CI, a service stop) ends the run as Ctrl-C does:
+    # with the summary written, instead of with nothing said.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = run(opts, target)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     err.done()
     if report.stopped and not report.iterations and not report.findings and not args.json:
         err.note(report.stopped)          # nothing ran: a table of zeros would only hide the reason
@@ -240,6 +247,10 @@ def fuzz(args) -> int:
         if not report.findings:
             return EXIT_USAGE
     return EXIT_FINDINGS if report.findings else EXIT_CLEAN
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _replay(args, opts, err: Stderr) -> int:

@@ -138,7 +138,8 @@ def test_same_seed_same_operations_same_buckets(dm, found, tmp_path):
     assert [b["first_index"] for b in again["buckets"]] == [b["first_index"] for b in first["buckets"]]
 
 
-def test_ctrl_c_still_writes_the_summary_and_every_case(dm, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_still_writes_the_summary_and_every_case(dm, tmp_path, sig):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(dm.state), "--socket", str(dm.socket),
            "fuzz", "FZZ1:", "--seed", str(SEED), "--time", "120", "--policy", str(dm.policies), "--out", str(out),
@@ -149,7 +150,7 @@ def test_ctrl_c_still_writes_the_summary_and_every_case(dm, tmp_path):
         while not list(out.glob("case-*.json")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert list(out.glob("case-*.json")), proc.stderr.read() if proc.poll() is not None else "no case yet"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
