@@ -7,12 +7,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -31,6 +33,9 @@
 #define IOCTL_CLOSE_FDS CODE(6)      /* close every fd from 3 up: the channel and the lanes */
 #define IOCTL_INT80 CODE(7)          /* getpid through the i386 ABI (int $0x80) */
 #define IOCTL_CTOR CODE(8)           /* what the constructor saw: errno of socket() at dlopen time */
+#define IOCTL_WEDGE CODE(9)          /* in: u32 n; after returning, a thread takes the GIL for good (no
+                                        Python thread of the host runs again: nobody reads the
+                                        channel) and writes n KCALL frames to the channel, fd 3 */
 
 static int ctor_socket_errno = -1;
 static volatile int late_stop;
@@ -94,6 +99,29 @@ static void *late_writer(void *arg)
         for (DWORD j = 0; j < l->len; j++) l->out[j] = 0xEE;
     }
     free(l);
+    return NULL;
+}
+
+static void *wedge(void *arg)
+{
+    uint32_t n = (uint32_t)(uintptr_t)arg;
+    int (*gil)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Ensure");
+    usleep(500 * 1000);             /* let the host send the IOCTL's reply first */
+    if (gil) gil();
+    for (uint32_t i = 0; i < n; i++) {
+        /* hosts/wire.py: version 1, KCALL (34), flags, req id, driver id 1, tail 0; body: READ_REGISTER
+         * (3) of a region handle nobody has */
+        unsigned char frame[42] = {1, 34};
+        uint32_t req = 0x40000000u + i, drv = 1;
+        uint16_t kop = 3;
+        uint64_t handle = 999;
+        memcpy(frame + 4, &req, 4);
+        memcpy(frame + 8, &drv, 4);
+        memcpy(frame + 16, &kop, 2);
+        memcpy(frame + 18, &handle, 8);
+        if (write(3, frame, sizeof frame) < 0) break;
+    }
+    for (;;) pause();
     return NULL;
 }
 
@@ -181,6 +209,16 @@ EXPORT BOOL HST_IOControl(DWORD h, DWORD code, BYTE *in, DWORD in_len, BYTE *out
 #else
         return answer(out, out_len, actual, ENOSYS, 0);
 #endif
+    }
+    case IOCTL_WEDGE: {
+        struct stat st;
+        uint32_t n = 0;
+        pthread_t t;
+        if (in_len >= 4) memcpy(&n, in, 4);
+        if (fstat(3, &st) != 0 || !S_ISSOCK(st.st_mode)) return answer(out, out_len, actual, ENOTSOCK, 0);
+        if (pthread_create(&t, NULL, wedge, (void *)(uintptr_t)n) != 0) return answer(out, out_len, actual, EAGAIN, 0);
+        pthread_detach(t);
+        return answer(out, out_len, actual, 0, n);
     }
     case IOCTL_CTOR:
         return answer(out, out_len, actual, ctor_socket_errno, 0);
