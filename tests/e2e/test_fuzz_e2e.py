@@ -247,3 +247,30 @@ def test_ctrl_c_in_the_middle_of_a_request_stops_cleanly(tmp_path):
         dm.stop()
     assert "Traceback" not in stderr, stderr
     assert proc.returncode == 2 and "interrupted" in stdout, (stdout, stderr)
+
+
+def test_without_the_audit_log_a_hang_is_told_from_the_drivers_own_etimedout(tmp_path):
+    # --state-dir of another Device Manager: no audit evidence.  IOCTL_WAIT with no input hangs
+    # the host (killed at ProcTimeout: a hang); IOCTL_SUM with no input answers ETIMEDOUT itself
+    # (not a finding).  The host seen to change is what tells them apart.  Seed 31's first 22
+    # operations hold two of each (the generator is blind: the same operations every run).
+    registry = (reg_driver("Fuzzme", "FZZ", dll="fuzzme.dll", group=1, extra=fuzzme.IOCTL_ALLOW)
+                + reg_group(1, timeout_ms=1000, restart_limit=50))
+    (tmp_path / "dm").mkdir()
+    dm = DeviceManagerProcess(tmp_path / "dm", registry, driver_dirs=(TEST_DRIVERS,)).start()
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    (other / "audit.log").write_text("")
+    codes = f"{fuzzme.IOCTL_SUM:#010x},{fuzzme.IOCTL_WAIT:#010x}"
+    cmd = [sys.executable, "-m", "reflector.cli", "--state-dir", str(other), "--socket", str(dm.socket),
+           "fuzz", "FZZ1:", "--seed", "31", "--iterations", "22", "--codes", codes, "--audit-wait", "1",
+           "--out", str(tmp_path / "out"), "--json"]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        dm.stop()
+    report = json.loads(r.stdout)
+    assert "not the log of the Device Manager being fuzzed" in report["audit_note"], r.stderr
+    hangs = [b for b in report["buckets"] if b["kind"] == "hang"]
+    assert [b["code"] for b in hangs] == [f"{fuzzme.IOCTL_WAIT:#010x}"], report
+    assert report["errnos"]["ETIMEDOUT"] > hangs[0]["count"], report     # IOCTL_SUM's were met too
