@@ -44,6 +44,11 @@ _MAX_FRAME_PLUS = wire.MAX_FRAME + 1    # one byte more than a frame may have: M
 READY_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 2.0            # how long a host that closed its channel has to finish exiting
 MAX_LANES = 8                 # per host: each costs an fd here and one in the host (64 at most there)
+# A send that waits this long for room is to a host that has stopped reading its channel (its
+# replies to kernel calls pile up there): the host is killed for it.  Without a bound, the send
+# -- the reader's, answering a kernel call, or anyone's under the send lock -- waited for ever, and
+# with it every later send to that host, the Device Manager's stop included.
+SEND_TIMEOUT_S = 5.0
 LANE_RETRY_S = 1.0            # after a host refused a lane (no fd left), ask again no sooner than this
 _monotonic = time.monotonic
 _REPLY, _KCALL, _LOG = Op.REPLY, Op.KCALL, Op.LOG
@@ -148,6 +153,8 @@ class HostChannel:
         self.name = name
         self.sandboxed = sandboxed
         self.sock = sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT_S), int(SEND_TIMEOUT_S % 1 * 1e6)))
         self.arena = arena
         self.inner_pid: int | None = None
         self.started = time.monotonic()
@@ -364,11 +371,18 @@ class HostChannel:
             pass
 
     def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
+        """Send one frame; OSError if it cannot be, after killing a host that left no room for
+        SEND_TIMEOUT_S (SO_SNDTIMEO: the send fails with EAGAIN)."""
         with self._send_lock:
-            if fds:
-                self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            else:
-                self.sock.send(frame)
+            try:
+                if fds:
+                    self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    self.sock.send(frame)
+            except BlockingIOError:
+                self._violation("protocol.violation",
+                                {"reason": f"the host has not read its channel for {SEND_TIMEOUT_S:g} s"})
+                raise
 
     # -- the reader: everything from the host is parsed here --------------------------------
 
@@ -413,6 +427,8 @@ class HostChannel:
                     return
                 except _BufferViolation as exc:
                     self._violation("buffer.violation", exc.detail)
+                    return
+                except OSError:         # a KREPLY _send could not deliver: it killed the host
                     return
         finally:
             self._gone()

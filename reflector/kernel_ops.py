@@ -208,7 +208,7 @@ class KernelOps:
         return 0, 0, b"", []
 
     def _open_device(self, owner, device, flags, _a1, _a2, tail) -> Result:
-        """The Reflector opens the node itself (O_CLOEXEC|O_NOFOLLOW|O_NOCTTY) and passes the fd."""
+        """The Reflector opens the node itself (O_CLOEXEC|O_NOFOLLOW|O_NOCTTY, never waiting) and passes the fd."""
         try:
             path = tail.decode("utf-8")
         except UnicodeDecodeError:
@@ -219,9 +219,15 @@ class KernelOps:
         mode = "r" if accmode == os.O_RDONLY else "rw"
         self._require(decisions.may_open_device(device.policy, path, mode))
         try:
-            fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
+            # Always opened O_NONBLOCK: this runs on the host's reader thread, and an open that
+            # waits (a FIFO without a peer, a serial line without carrier) would stop it serving
+            # the host -- the driver asked the open, it must not choose that we hang in it.  The
+            # mode the driver asked for is set on the fd afterwards.
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY)
         except OSError as exc:
             return exc.errno or errno.EIO, 0, f"{path}: {exc.strerror}".encode(), []
+        if not flags & os.O_NONBLOCK:
+            os.set_blocking(fd, True)
         return 0, 0, b"", [fd]
 
 

@@ -272,8 +272,6 @@ def test_closing_the_hosts_channel_ends_only_its_host(native_dm):
 
 # -- a host that stops reading its channel --------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="reflector/hostchannel.py sends to a host without a bound (the reader's "
-                   "KREPLY, and every send under its lock): fix outside this test's files, see the red-team report")
 def test_a_host_that_never_reads_its_kernel_replies_cannot_wedge_the_device_manager(tmp_path):
     """The driver's thread takes the GIL for good (so the host reads nothing more) and writes
     kernel calls to the channel without waiting: the Reflector's answers fill the host's socket.

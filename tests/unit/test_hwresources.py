@@ -751,3 +751,25 @@ def test_uart_on_a_real_pseudo_terminal_through_open_device(plat):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_open_device_never_waits_on_the_reflector(plat, tmp_path):
+    # The open runs on the host's reader thread: a FIFO with no reader would have stopped it for
+    # good.  It fails at once instead (ENXIO), and what opens is blocking as the driver asked.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    text = driver_key("Serial", "COM", "uart.dll", f'"DeviceNodes"=multi_sz:"{fifo}:rw"')
+    _, _, kernel, _ = kernel_driver(plat, text, "COM1:")
+    with pytest.raises(OSError) as info:
+        kernel.open_device(str(fifo), os.O_WRONLY)
+    assert info.value.errno == errno.ENXIO
+    fd = kernel.open_device(str(fifo), os.O_RDONLY)
+    try:
+        assert os.get_blocking(fd)
+    finally:
+        os.close(fd)
+    fd = kernel.open_device(str(fifo), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert not os.get_blocking(fd)
+    finally:
+        os.close(fd)
