@@ -73,6 +73,8 @@ def _clear(view: memoryview) -> None:
     if n > len(_zeros):
         _zeros = memoryview(bytes(n))
     view[:] = _zeros[:n]
+
+
 # Stack of each thread started in the host (workers, and threads drivers start): glibc's default
 # is 8 MiB of address space per thread, which under the host's RLIMIT_AS would let a few pools
 # use up the limit; 1 MiB is ample for Python, whose calls between Python functions do not
