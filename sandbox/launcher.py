@@ -15,6 +15,10 @@ The launcher stays as a reaper because the Reflector must learn how the host end
 able to kill it race-free: its pidfd is the launcher's, and the launcher's death takes the host
 with it (PR_SET_PDEATHSIG), and the host's death takes its whole pid namespace with it.
 
+Its stdout and stderr, and so the host's, are a pipe the Device Manager reads (sandbox/output.py):
+what either prints -- a traceback at start, a driver's writes to fd 1 or 2 -- is logged there as
+the host's, escaped and rate-bound, and can never reach the Device Manager's terminal as it is.
+
 Every failure ends the process with the exit status of its step (sandbox/errors.py) after
 sending ``{"failed": {step, call, errno}}`` on the control socket.  Nothing runs half-confined.
 """

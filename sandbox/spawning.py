@@ -7,7 +7,9 @@
                        namespace, so the host sees its own cgroup as its root)
       3. start      -- a fresh ``python -I -S -B`` running sandbox/launcher.py, started from one
                        long-lived thread (PR_SET_PDEATHSIG follows the *thread* that started a
-                       process: a short-lived worker thread would take the host down with it)
+                       process: a short-lived worker thread would take the host down with it);
+                       its stdout and stderr a pipe whose lines sandbox/output.py logs, escaped
+                       and rate-bound, never the Device Manager's own fds
       4. handshake  -- plan in; uid/gid maps written for it; inner pid, a failed step, or the
                        read-back and the seccomp listener out
     Any failure: the launcher killed and reaped, the cgroup removed, every fd closed, and a
@@ -31,7 +33,7 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
-from sandbox import cgroups, control, errors, limits, mounts, namespaces, seccomp, syscalls
+from sandbox import cgroups, control, errors, limits, mounts, namespaces, output, seccomp, syscalls
 from sandbox.errors import ConfinementError
 from sandbox.spec import DEFAULT_GID, DEFAULT_UID, SandboxSpec
 
@@ -289,18 +291,26 @@ def spawn(spec: SandboxSpec, target: str, target_arg: dict, pass_fds: Sequence[i
             undo.callback(group.remove)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         undo.callback(ours.close)
+        # stdout and stderr: a pipe of ours, never the Device Manager's own fds (a hostile host
+        # would write straight to our terminal or log); sandbox/output.py logs what comes on it.
+        out_r, out_w = output.pipe()
         try:
             popen = _starter.run(lambda: subprocess.Popen(
                 _argv(theirs.fileno()), pass_fds=(theirs.fileno(), *plan["fds"]), close_fds=True,
-                stdin=subprocess.DEVNULL, cwd="/", env={"MALLOC_ARENA_MAX": "2"},
+                stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w, cwd="/", env={"MALLOC_ARENA_MAX": "2"},
                 # Its own session: a Ctrl-C at the Device Manager's terminal (SIGINT to the whole
                 # foreground process group) is the Device Manager's to handle, in order; the
                 # launcher still dies with it (PR_SET_PDEATHSIG).
                 start_new_session=True))
         except OSError as exc:
+            os.close(out_r)
             raise ConfinementError("start", f"Popen({sys.executable!r}, ...)", exc.errno, name=spec.name) from None
         finally:
             theirs.close()
+            os.close(out_w)
+        # Read from now on, before the handshake: what the launcher prints when it fails to start
+        # is logged too.  The reader closes out_r at EOF, once the launcher and host have ended.
+        output.start_reader(spec.name, out_r)
         pidfd = os.pidfd_open(popen.pid)
         undo.callback(os.close, pidfd)
         undo.callback(_kill_and_reap, popen, pidfd)
