@@ -41,6 +41,9 @@ _TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-
 # Only a safety net for a launcher that hangs before it reports (it never should): the time a
 # loaded machine might need to start Python, not a measure of anything.
 START_TIMEOUT = 60.0
+# Only a guard, too: once the launcher is reaped every writer of its output pipe has gone (the
+# host's pid namespace ended with it), so the reader is at EOF already and ends at once.
+OUTPUT_GRACE = 5.0
 _SANDBOX_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -184,7 +187,7 @@ class Sandboxed:
 
     def __init__(self, *, name: str, popen: subprocess.Popen, pidfd: int, inner_pid: int,
                  inner_pidfd: int | None, notify_fd: int | None, confinement: dict,
-                 cgroup: cgroups.HostCgroup | None):
+                 cgroup: cgroups.HostCgroup | None, output_reader: threading.Thread):
         self.name = name
         self.pid = popen.pid
         self.inner_pid = inner_pid
@@ -193,6 +196,7 @@ class Sandboxed:
         self.confinement = confinement
         self._popen = popen
         self._cgroup = cgroup
+        self._output_reader = output_reader
         self._lock = threading.Lock()
         self._status: ExitStatus | None = None
         # Our own pidfd, closed only once the launcher is reaped: kill() and wait() keep working
@@ -263,10 +267,16 @@ class Sandboxed:
         self._status = ExitStatus(code, sig, step)
 
     def close(self) -> None:
-        """Close our fds (pidfd, notify_fd).  Does not kill: call kill() first if need be."""
+        """Close our fds (pidfd, notify_fd).  Does not kill: call kill() first if need be.
+
+        Once the sandbox has ended, also waits for its output reader to log the last lines and
+        close its end of the pipe: after close(), no fd of this sandbox is left open here."""
         with self._lock:
-            if self._status is not None and self._cgroup is not None and self.cgroup_left:
+            ended = self._status is not None
+            if ended and self._cgroup is not None and self.cgroup_left:
                 self.cgroup_left = self._cgroup.remove()   # a host killed from outside may end late
+        if ended:
+            self._output_reader.join(OUTPUT_GRACE)
         for attr in ("pidfd", "notify_fd"):
             fd = getattr(self, attr)
             if fd is not None and fd >= 0:
@@ -310,7 +320,10 @@ def spawn(spec: SandboxSpec, target: str, target_arg: dict, pass_fds: Sequence[i
             os.close(out_w)
         # Read from now on, before the handshake: what the launcher prints when it fails to start
         # is logged too.  The reader closes out_r at EOF, once the launcher and host have ended.
-        output.start_reader(spec.name, out_r)
+        reader = output.start_reader(spec.name, out_r)
+        # Undone last (after the launcher is killed and reaped, registered below): its start-up
+        # output is logged before the ConfinementError goes up, and its fd is closed by then.
+        undo.callback(reader.join, OUTPUT_GRACE)
         pidfd = os.pidfd_open(popen.pid)
         undo.callback(os.close, pidfd)
         undo.callback(_kill_and_reap, popen, pidfd)
@@ -326,7 +339,7 @@ def spawn(spec: SandboxSpec, target: str, target_arg: dict, pass_fds: Sequence[i
         confinement = _describe(state, plan, group, spec)
         handle = Sandboxed(name=spec.name, popen=popen, pidfd=pidfd, inner_pid=inner_pid,
                            inner_pidfd=inner_pidfd, notify_fd=notify_fd, confinement=confinement,
-                           cgroup=group)
+                           cgroup=group, output_reader=reader)
         undo.pop_all()
         ours.close()
         return handle

@@ -5,6 +5,8 @@ import os
 import threading
 import time
 
+import pytest
+
 from sandbox import output
 from sandbox.output import HostOutput, printable
 
@@ -137,3 +139,24 @@ def test_a_flood_that_stops_is_summarised_before_the_host_ends(caplog):
                   if m.name == "drvbox.host" and m.getMessage().startswith("... "))
     logged = sum(1 for m in caplog.records if m.name == "drvbox.host" and m.getMessage() == "host group 4: x")
     assert logged + dropped == 10_000
+
+
+@pytest.mark.needs_seccomp_notify
+@pytest.mark.usefixtures("require_namespaces")
+def test_a_real_hosts_traceback_is_logged_and_no_fd_is_left(caplog):
+    """A real sandbox whose target fails (sandbox.probe:run without its fd: IndexError): the
+    traceback the host prints reaches drvbox.host, prefixed; after close() the reader has ended
+    and closed its end of the pipe, so restarts leak nothing."""
+    from sandbox.spec import SandboxSpec, spawn
+    caplog.set_level(logging.WARNING, logger="drvbox.host")
+    before = _fds()
+    for _ in range(2):     # a restart: the second sandbox must not find the first one's pipe open
+        box = spawn(SandboxSpec(name="output-test", optional=frozenset({"cgroup"})), "sandbox.probe:run", {}, [])
+        status = box.wait(timeout=120)     # a guard against a hang
+        box.close()
+        assert status.code == 1
+        assert _fds() == before
+    messages = [m.getMessage() for m in caplog.records if m.name == "drvbox.host"]
+    assert messages.count("output-test: Traceback (most recent call last):") == 2, messages
+    assert messages.count("output-test: IndexError: list index out of range") == 2, messages
+    assert "drvbox-host-output output-test" not in [t.name for t in threading.enumerate()]
