@@ -320,7 +320,12 @@ def spawn(spec: SandboxSpec, target: str, target_arg: dict, pass_fds: Sequence[i
             os.close(out_w)
         # Read from now on, before the handshake: what the launcher prints when it fails to start
         # is logged too.  The reader closes out_r at EOF, once the launcher and host have ended.
-        reader = output.start_reader(spec.name, out_r)
+        try:
+            reader = output.start_reader(spec.name, out_r)
+        except BaseException:
+            popen.kill()     # not yet owned by the undo stack; nothing of it may outlive spawn
+            popen.wait()
+            raise
         # Undone last (after the launcher is killed and reaped, registered below): its start-up
         # output is logged before the ConfinementError goes up, and its fd is closed by then.
         undo.callback(reader.join, OUTPUT_GRACE)
