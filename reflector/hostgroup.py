@@ -26,6 +26,7 @@ from hosts.wire import Op
 from reflector.arena import Arena
 from reflector.devices import QUARANTINED, RESTARTING, RUNNING, STOPPED, OpenRef, UserDevice
 from reflector.hostchannel import HostChannel, HostGone, _TokenBucket
+from sandbox.output import escape_controls
 
 log = logging.getLogger("drvbox.group")
 
@@ -309,7 +310,7 @@ class HostGroup:
     def _driver_log(self, driver_id: int, level: int, message: str) -> None:
         device = self._device(driver_id)
         log.log(level if level in (10, 20, 30, 40, 50) else logging.INFO, "%s: %s",
-                device.name if device else f"group {self.gid}", printable(message[:2000]))
+                device.name if device else f"group {self.gid}", escape_controls(message[:2000]))
 
     def _syscall_denied(self, report, **extra) -> None:
         self.audit.record("syscall.denied", group=self.gid, pid=report.pid,
@@ -490,16 +491,6 @@ class HostGroup:
                 "cgroup_memory": _cgroup_memory(channel.sandboxed.confinement) if channel else None,
                 "lanes": channel.lanes() if channel else None,
                 "devices": [d.name for d in self.devices], "solo": self.solo, "restarts": self.restarts}
-
-
-# Control characters a driver could log to forge lines of ours (a newline) or drive the
-# terminal the Device Manager's log is on (ESC sequences): written as \xNN, so one driver
-# message is one line, as the driver wrote it.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-
-
-def printable(message: str) -> str:
-    return message.translate(_CONTROLS)
 
 
 class _SyscallReports:

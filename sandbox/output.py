@@ -39,9 +39,14 @@ _READ_SIZE = 64 * 1024
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters as \\xNN: one line, nothing a terminal obeys."""
+    return text.translate(_CONTROLS)
+
+
 def printable(raw: bytes) -> str:
     """``raw`` as one line of text: control characters and non-UTF-8 bytes as \\xNN."""
-    return raw.decode("utf-8", "backslashreplace").translate(_CONTROLS)
+    return escape_controls(raw.decode("utf-8", "backslashreplace"))
 
 
 class _Bucket:
