@@ -3,6 +3,7 @@ own, with policies derived and signed by the real toolchain, and talk to it with
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -163,6 +164,29 @@ class DeviceManagerProcess:
 
 
 ECHO = 0x00220000          # the echo IOCTL of every test driver (faulty.py, the adversarial one)
+
+
+def check_loopback_stream(h) -> None:
+    """The stream interface every loopback test driver (faulty.py, tests/native/echo.c) gives on an
+    open handle ``h``, the same in kernel and user mode: writes kept and read back, seeks from the
+    start and the end, ECHO, a transfer larger than inline data (through shared memory, and the
+    arena in user mode), EINVAL for an unknown whence."""
+    import pytest
+    assert h.write(b"hello world") == 11
+    assert h.seek(0, 0) == 0
+    assert h.read(5) == b"hello"
+    assert h.seek(-5, 2) == 6
+    assert h.read(100) == b"world"
+    assert h.ioctl(ECHO, b"\x01\x02\x03", out_size=2) == b"\x01\x02"
+    assert h.ioctl(ECHO, b"abc", out_size=0) == b""
+    big = os.urandom(60_000)
+    h.seek(0, 0)
+    assert h.write(big) == len(big)
+    h.seek(0, 0)
+    assert h.read(len(big)) == big
+    with pytest.raises(OSError) as exc:
+        h.seek(0, 7)
+    assert exc.value.errno == errno.EINVAL
 
 
 class Hammer:
