@@ -81,6 +81,19 @@ def crashes(dm) -> list[dict]:
     return [r for r in dm.audit("host.crashed") if r.get("group") == GROUP]
 
 
+def crash_with(dm, code: int) -> dict:
+    """Send the attack that ends HST1:'s host (EIO to us) while ECO1: is hammered; wait until the
+    host is back; its host.crashed record."""
+    crashed = len(crashes(dm))
+    with Hammer(dm, "ECO1:"):
+        with dm.client() as c, c.open("HST1:") as h:
+            with pytest.raises(OSError) as exc:
+                h.ioctl(code, b"", 16)
+            assert exc.value.errno == errno.EIO
+        wait_back(dm, crashed)
+    return crashes(dm)[-1]
+
+
 def wait_denied(dm, syscall: str, after: int) -> dict:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -159,14 +172,8 @@ def test_the_x32_abi_is_not_a_way_around_the_filter(native_dm):
 def test_the_i386_abi_kills_the_host_and_only_it(native_dm):
     """int $0x80 enters the kernel as i386, an architecture the filter does not pass: the kernel
     kills the host with SIGSYS (or SIGSEGV where IA-32 emulation is off); the call never runs."""
-    crashed = len(crashes(native_dm))
-    with Hammer(native_dm, "ECO1:"):
-        with native_dm.client() as c, c.open("HST1:") as h:
-            with pytest.raises(OSError) as exc:
-                h.ioctl(INT80, b"", 16)
-            assert exc.value.errno == errno.EIO
-        wait_back(native_dm, crashed)
-    assert crashes(native_dm)[-1]["detail"]["signal"] in (signal.SIGSYS, signal.SIGSEGV), crashes(native_dm)
+    crash = crash_with(native_dm, INT80)
+    assert crash["detail"]["signal"] in (signal.SIGSYS, signal.SIGSEGV), crash
 
 
 def test_a_constructor_runs_after_confinement(native_dm):
@@ -259,13 +266,7 @@ def test_a_driver_that_survives_its_guard_page_fault_reaches_only_its_own_arena(
 
 
 def test_closing_the_hosts_channel_ends_only_its_host(native_dm):
-    crashed = len(crashes(native_dm))
-    with Hammer(native_dm, "ECO1:"):
-        with native_dm.client() as c, c.open("HST1:") as h:
-            with pytest.raises(OSError) as exc:
-                h.ioctl(CLOSE_FDS, b"", 16)
-            assert exc.value.errno == errno.EIO
-        wait_back(native_dm, crashed)
+    crash_with(native_dm, CLOSE_FDS)
 
 
 # -- a host that stops reading its channel --------------------------------------------------------
