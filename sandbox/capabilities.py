@@ -49,6 +49,19 @@ def bound(last: int) -> int:
 
 
 def clear() -> None:
+    empty_sets()
+    left = {name: value for name, value in read_sets().items() if value}
+    if left:
+        raise OSError(1, "capabilities remain", "read /proc/self/status: "
+                      + ", ".join(f"{k}={v:016x}" for k, v in left.items()))
+
+
+def empty_sets() -> None:
+    """Empty the ambient, effective, permitted and inheritable sets, without clear's read-back.
+
+    The launcher's reaper calls this alone: it shares the host's mount namespace, so its /proc
+    may already be the host's, where the reaper (outside that pid namespace) has no /proc/self.
+    """
     libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT, CLEAR_ALL)")
     everything = list(prctl.ALL_CAPS)
     try:
@@ -57,10 +70,6 @@ def clear() -> None:
                        (everything, prctl.CAP_INHERITABLE, False))
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, "capset(effective=0, permitted=0, inheritable=0)") from None
-    left = {name: value for name, value in read_sets().items() if value}
-    if left:
-        raise OSError(1, "capabilities remain", "read /proc/self/status: "
-                      + ", ".join(f"{k}={v:016x}" for k, v in left.items()))
 
 
 def read_sets(status: str | None = None) -> dict[str, int]:
@@ -73,18 +82,3 @@ def read_sets(status: str | None = None) -> dict[str, int]:
         if key in SETS:
             sets[key] = int(value.strip(), 16)
     return sets
-
-
-def drop_all(last: int) -> None:
-    """Everything at once, for the launcher's own reaper process (it needs no privilege).
-
-    No read-back through /proc here: the launcher shares the host's mount namespace, so its
-    /proc may already be the host's, where the launcher (outside that pid namespace) has no
-    /proc/self.
-    """
-    bound(last)
-    libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL, "prctl(PR_CAP_AMBIENT, CLEAR_ALL)")
-    everything = list(prctl.ALL_CAPS)
-    prctl.set_caps((everything, prctl.CAP_EFFECTIVE, False), (everything, prctl.CAP_PERMITTED, False),
-                   (everything, prctl.CAP_INHERITABLE, False))
-    prctl.set_no_new_privs(1)

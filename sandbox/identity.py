@@ -18,6 +18,11 @@ def apply(uid: int, gid: int, set_groups: bool) -> None:
     # A new session: the host has no controlling terminal, so it cannot push input into the
     # terminal `drvbox run` was started from (TIOCSTI needs CAP_SYS_ADMIN on another's tty).
     _call(os.setsid, "setsid()")
+    assume(uid, gid, set_groups)
+
+
+def assume(uid: int, gid: int, set_groups: bool) -> None:
+    """Just the ids (and no supplementary groups where we may clear them), read back."""
     if set_groups:
         _call(lambda: os.setgroups([]), "setgroups(0, [])")
     # gid before uid: once the uid is unprivileged, the gid can no longer be changed.

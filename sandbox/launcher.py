@@ -7,13 +7,15 @@ Reflector).  It reads its plan from the control socket, then:
     ----------------------------------------          ----------------------
     PR_SET_PDEATHSIG, unshare(...), maps
     fork ──────────────────────────────────────────▶  ``confine()``: the whole sequence
-    sends the host's pid, drops its own                calls target(fds, arg)
-    privileges, waits, then exits the way the host
-    did (same status, or the same signal)
+    sends the host's pid, takes the host's ids         calls target(fds, arg)
+    and drops every capability, waits, then exits
+    the way the host did (same status, or signal)
 
 The launcher stays as a reaper because the Reflector must learn how the host ended and must be
 able to kill it race-free: its pidfd is the launcher's, and the launcher's death takes the host
-with it (PR_SET_PDEATHSIG), and the host's death takes its whole pid namespace with it.
+with it (PR_SET_PDEATHSIG), and the host's death takes its whole pid namespace with it.  The
+reaper runs as the host's uid (``_become_unprivileged``): the kernel delivers that signal only
+if the dying reaper could kill(2) the host.
 
 Its stdout and stderr, and so the host's, are a pipe the Device Manager reads (sandbox/output.py):
 what either prints -- a traceback at start, a driver's writes to fd 1 or 2 -- is logged there as
@@ -154,11 +156,15 @@ def _reap(pid: int, ctl, life_w: int, plan: dict) -> None:
     os.closerange(3, life_w)
     os.closerange(life_w + 1, 1 << 16)
     try:
-        from sandbox import capabilities
-        capabilities.drop_all(plan["cap_last"])
+        _become_unprivileged(plan)
     except Exception as exc:
-        # Fail closed: a privileged reaper next to the host is not what we promised.
+        # Fail closed: a privileged reaper next to the host is not what we promised.  The kill
+        # still works: either the ids changed (the host's own) or the capabilities did not.
         os.write(2, f"drvbox launcher: cannot drop its own privileges: {exc!r}\n".encode())
+        os.kill(pid, signal.SIGKILL)
+    if os.getppid() != plan["parent_pid"]:
+        # The Device Manager's starter thread died before our parent-death signal was set again:
+        # it will never come, so end the host now (waitpid below then mirrors its end).
         os.kill(pid, signal.SIGKILL)
     while True:
         try:
@@ -178,6 +184,29 @@ def _reap(pid: int, ctl, life_w: int, plan: dict) -> None:
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))
+
+
+def _become_unprivileged(plan: dict) -> None:
+    """The reaper takes the host's own ids and gives up every capability.
+
+    The ids are what makes the host die with it.  The kernel sends a parent-death signal with
+    the dying parent's credentials and checks them like kill(2): a reaper left as root without
+    CAP_KILL may not signal a host running as another uid, so the host's PR_SET_PDEATHSIG was
+    silently dropped and a host that ignored its channel's EOF outlived a killed Device Manager
+    (tests/adversarial/test_adv_native.py, the wedged host).  With the same uid no capability is
+    needed, and the reaper holds less than before: an unprivileged id instead of root's.
+    """
+    import prctl
+
+    from sandbox import capabilities, identity
+    capabilities.bound(plan["cap_last"])             # needs CAP_SETPCAP: before leaving uid 0
+    identity.assume(plan["uid"], plan["gid"], plan["set_groups"])
+    capabilities.empty_sets()
+    prctl.set_no_new_privs(1)
+    prctl.set_dumpable(0)            # nobody else running as this uid may ptrace the reaper
+    # The credential change cleared our own parent-death signal: set it again (the caller
+    # re-checks the parent, which may have died in between).
+    prctl.set_pdeathsig(signal.SIGKILL)
 
 
 # --- the host: the confinement sequence ------------------------------------------------------

@@ -125,4 +125,12 @@ def idle(fds: list[int], arg: dict) -> int:
     return 0
 
 
-__all__ = ["run", "idle", "CHECKS", "errno"]
+def deaf(fds: list[int], arg: dict) -> int:
+    """Never end of its own accord, whatever happens to its fds: only a signal ends it.  A host
+    that ignores its channel's EOF, as a wedged driver's host does (the parent-death tests)."""
+    import time
+    while True:
+        time.sleep(3600)
+
+
+__all__ = ["run", "idle", "deaf", "CHECKS", "errno"]

@@ -295,9 +295,6 @@ def test_a_host_that_never_reads_its_kernel_replies_cannot_wedge_the_device_mana
         dm.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, not yet understood: a host wedged this way outlives a "
-                   "SIGKILLed Device Manager (its reaper dies, the host stays with ppid 1) although "
-                   "PR_SET_PDEATHSIG is set after the credential change; see the closing note of stop 8")
 def test_a_wedged_host_dies_with_a_killed_device_manager(tmp_path):
     drivers = tmp_path / "drivers"
     native_build.build("hostile.c", drivers / "libhostile.so")

@@ -254,9 +254,13 @@ def _pidfd_if_child_of(pid: int, parent: int) -> int:
     return fd
 
 
+@pytest.mark.parametrize("target", ["idle", "deaf"])
 @pytest.mark.parametrize("mode", ["default", pytest.param("userns", marks=pytest.mark.needs_userns)])
-def test_sandbox_dies_when_its_parent_dies(mode):
-    helper = subprocess.Popen([sys.executable, os.path.join(HELPERS, "spawn_and_wait.py"), mode],
+def test_sandbox_dies_when_its_parent_dies(mode, target):
+    """``deaf`` ignores its socket's EOF, so only PR_SET_PDEATHSIG can end it: the launcher's
+    (its parent died) and then the host's (the launcher died).  The kernel sends the host's with
+    the dying launcher's credentials, so this fails if the launcher's reaper may not kill(2) it."""
+    helper = subprocess.Popen([sys.executable, os.path.join(HELPERS, "spawn_and_wait.py"), mode, target],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         line = json.loads(helper.stdout.readline())
