@@ -72,13 +72,10 @@ def main(ctl_fd: int) -> None:
         plan = _run("spec", _read_plan, ctl)
         _run("spec", _preload, plan)
         from sandbox import namespaces
-        import prctl
         # The launcher dies with the thread that started it (spawn starts every launcher from one
         # long-lived thread, see sandbox/spawning.py).  Re-check the parent after setting it: if it
         # died before, the signal will never come.
-        _run("pdeathsig", prctl.set_pdeathsig, signal.SIGKILL)
-        if os.getppid() != plan["parent_pid"]:
-            raise _StepFailed("pdeathsig", f"getppid()={os.getppid()}, expected {plan['parent_pid']}", None)
+        _run("pdeathsig", _die_with_starter, plan["parent_pid"])
         flags, names = namespaces.flags(plan["userns"])
         from sandbox import libc
         _run("namespaces", libc.unshare, flags, names)
@@ -158,14 +155,16 @@ def _reap(pid: int, ctl, life_w: int, plan: dict) -> None:
     try:
         _become_unprivileged(plan)
     except Exception as exc:
-        # Fail closed: a privileged reaper next to the host is not what we promised.  The kill
-        # still works: either the ids changed (the host's own) or the capabilities did not.
-        os.write(2, f"drvbox launcher: cannot drop its own privileges: {exc!r}\n".encode())
+        # Fail closed: a privileged reaper next to the host is not what we promised, and a
+        # reaper whose parent is already gone will never get its death signal.  Kill first: the
+        # write may fail (no reader left).  The kill still works: either the ids changed (the
+        # host's own) or the capabilities did not.  waitpid below then mirrors the host's end.
         os.kill(pid, signal.SIGKILL)
-    if os.getppid() != plan["parent_pid"]:
-        # The Device Manager's starter thread died before our parent-death signal was set again:
-        # it will never come, so end the host now (waitpid below then mirrors its end).
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.write(2, f"drvbox launcher: cannot become an unprivileged reaper: {exc!r}; "
+                        "the host is killed\n".encode())
+        except OSError:
+            pass
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -204,9 +203,17 @@ def _become_unprivileged(plan: dict) -> None:
     capabilities.empty_sets()
     prctl.set_no_new_privs(1)
     prctl.set_dumpable(0)            # nobody else running as this uid may ptrace the reaper
-    # The credential change cleared our own parent-death signal: set it again (the caller
-    # re-checks the parent, which may have died in between).
+    # The credential change cleared our own parent-death signal: set it again.
+    _die_with_starter(plan["parent_pid"])
+
+
+def _die_with_starter(parent_pid: int) -> None:
+    """Die with the Device Manager's starter thread, our parent; re-check it after setting the
+    signal, since a parent that died before will never send it."""
+    import prctl
     prctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        raise _StepFailed("pdeathsig", f"getppid()={os.getppid()}, expected {parent_pid}", None)
 
 
 # --- the host: the confinement sequence ------------------------------------------------------
